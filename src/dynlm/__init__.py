@@ -1,0 +1,87 @@
+"""dynlm: build, train, evaluate, compare and serve dynamic language models.
+
+    import dynlm
+    model = dynlm.build_model("standard-tiny", vocab_size=260)
+    model = dynlm.load_pretrained("smollm2/")            # ours, Hugging Face, .gguf, or code form
+    tok = dynlm.load_tokenizer("smollm2/")
+    text = dynlm.generate(model, tok, "Hello", max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dynlm.errors import CheckpointError, ConfigError, DataError, DynlmError
+from dynlm.registry import list_architectures
+
+if TYPE_CHECKING:
+    import torch
+
+    from dynlm.config import ModelConfig
+    from dynlm.models.base import DynModel
+
+__version__ = "0.1.0"
+
+__all__ = ["build_model", "load_pretrained", "load_tokenizer", "generate", "list_architectures",
+           "list_presets", "DynlmError", "ConfigError", "CheckpointError", "DataError", "__version__"]
+
+
+def list_presets() -> list[str]:
+    """Model preset names usable with `build_model`."""
+    from dynlm.config import list_model_presets
+
+    return list_model_presets()
+
+
+def build_model(preset_or_config: str | dict[str, Any] | ModelConfig, **overrides: Any) -> DynModel:
+    """A freshly initialised model from a preset name (e.g. "standard-tiny"), a config dict or a
+    config object, with config fields overridden, e.g. `vocab_size=260, num_layers=2`."""
+    from dynlm.config import model_config
+    from dynlm.registry import get_architecture
+
+    config = model_config(preset_or_config, **overrides)
+    _, model_class = get_architecture(config.type)
+    return model_class(config)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> DynModel:
+    """Load a model from a dynlm checkpoint directory, a Hugging Face `Qwen2ForCausalLM` /
+    `LlamaForCausalLM` directory, a `.gguf` file, or a weights-as-code directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from dynlm.interop.gguf import load_gguf
+
+            return load_gguf(path, device=device, dtype=dtype)
+        raise CheckpointError(f"{path}: not a checkpoint", "give a checkpoint directory or a .gguf file")
+    if (path / "weights.py").is_file():
+        from dynlm.weights import load_code_checkpoint
+
+        return load_code_checkpoint(path, device=device, dtype=dtype)
+    from dynlm.checkpoint import is_dynlm_checkpoint, load_checkpoint
+
+    if is_dynlm_checkpoint(path):
+        return load_checkpoint(path, device=device, dtype=dtype)
+    if (path / "config.json").is_file():
+        from dynlm.interop.hf import load_hf_checkpoint
+
+        return load_hf_checkpoint(path, device=device, dtype=dtype)
+    raise CheckpointError(f"{path}: no config.json, weights.py or .gguf", "is this a checkpoint directory?")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer of a checkpoint directory, a `tokenizer.json`, a `.gguf` file, or "bytes"."""
+    from dynlm.data.tokenizers import load_tokenizer as _load
+
+    return _load(path)
+
+
+def generate(model: DynModel, tokenizer: Any, prompt: str | list[str], **kwargs: Any) -> Any:
+    """Generate text; see `dynlm.infer.generate.generate` for the sampling options."""
+    from dynlm.infer.generate import generate as _generate
+
+    return _generate(model, tokenizer, prompt, **kwargs)

@@ -1,0 +1,39 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2;
+anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DynlmError(Exception):
+    """A mistake in the user's input (path, preset, config key, value, file contents)."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+
+class ConfigError(DynlmError):
+    """An unknown config key or a bad value."""
+
+
+class CheckpointError(DynlmError):
+    """A checkpoint directory or file that is missing, truncated or inconsistent."""
+
+
+class DataError(DynlmError):
+    """A corpus or tokenizer that cannot be fetched, found or read."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """'did you mean X?' for the closest choice, or a short list of valid ones."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if choices and len(choices) <= 12:
+        return "valid: " + ", ".join(choices)
+    return None

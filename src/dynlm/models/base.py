@@ -1,0 +1,121 @@
+"""The model contract every architecture implements (see DESIGN.md, "Contracts")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynlm.config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy in nats (labels given)
+    aux_loss: torch.Tensor | None = None  # weighted auxiliary losses; NOT included in `loss`
+    state: Any = None  # state after the last position; pass back to continue
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Hugging Face convention: labels == input_ids, shifted here; -100 is ignored. fp32."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+
+
+class DynModel(nn.Module):
+    """Base class of every architecture.
+
+    out = model(input_ids [B, T], labels=None, state=None) -> ModelOutput
+    state = model.init_state(batch_size, device=..., dtype=...)
+    """
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    architecture: ClassVar[str] = "base"
+    # True when the training forward is causal by design (routed models choose top-k over a
+    # whole sequence while training, which is not)
+    causal_in_training: ClassVar[bool] = True
+    # True for recurrent architectures whose state must not grow with the tokens consumed
+    constant_state: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+
+    # -- contract -------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                state: Any = None) -> ModelOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, max_length: int = 0) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def state_nbytes(state: Any) -> int:
+        """Bytes held by a state (KV cache, recurrent state, memory)."""
+        if state is None:
+            return 0
+        if hasattr(state, "nbytes") and callable(state.nbytes):
+            return int(state.nbytes())
+        if isinstance(state, torch.Tensor):
+            return state.numel() * state.element_size()
+        if isinstance(state, dict):
+            return sum(DynModel.state_nbytes(v) for v in state.values())
+        if isinstance(state, (list, tuple)):
+            return sum(DynModel.state_nbytes(v) for v in state)
+        return 0
+
+    # -- shared helpers -------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, zeros for biases, ones
+        for norms; residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0 / math.sqrt(2 * self.config.num_layers) if name.endswith(
+                    ("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        n = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            for module in self.modules():
+                if isinstance(module, nn.Embedding):
+                    n -= module.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (nanoGPT's formula): 6·N + 12·L·H·Q·T, where N counts every
+        parameter that takes part in a matmul (the LM head yes, an untied input embedding no)."""
+        c = self.config
+        n = self.num_parameters(exclude_embeddings=False)
+        if not c.tie_word_embeddings:
+            n -= c.vocab_size * c.hidden_size  # input embedding is a lookup, not a matmul
+        return 6 * n + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, tokenizer: Any = None,
+                        generation_config: dict[str, Any] | None = None) -> Path:
+        from dynlm.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, tokenizer=tokenizer, generation_config=generation_config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DynModel:
+        from dynlm.checkpoint import load_checkpoint
+
+        return load_checkpoint(directory, device=device)

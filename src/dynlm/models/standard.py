@@ -1,0 +1,107 @@
+"""The dense baseline: a Qwen2 / Llama decoder-only transformer.
+
+Parameter names follow the Hugging Face layout (`model.layers.{i}.self_attn.q_proj.weight`, ...)
+so that importing and exporting real checkpoints is a rename-free copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynlm.config import ModelConfig
+from dynlm.models.base import DynModel, ModelOutput, causal_lm_loss
+from dynlm.nn import Attention, KVCache, LayerKVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from dynlm.registry import register
+
+
+@dataclass
+class StandardConfig(ModelConfig):
+    type: str = "standard"
+
+
+class DecoderLayer(nn.Module):
+    """x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        window = config.sliding_window if config.uses_sliding_window(layer_idx) else None
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads,
+                                   config.head_dim, config.attention_bias, window)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: LayerKVCache | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """f(x) such that the layer's output is x + f(x) (routed layers scale or skip it)."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, key_valid)
+        return h + self.mlp(self.post_attention_layernorm(h)) - x
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderBody(nn.Module):
+    """Embedding, layers and final norm: `model.*` in Hugging Face names."""
+
+    def __init__(self, config: ModelConfig, layer_class: type[nn.Module] = DecoderLayer):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class TransformerLM(DynModel):
+    """Shared skeleton of the transformer family (standard, MoD, DTF): embedding, rotary table,
+    LM head, KV-cache state and loss. Subclasses say how the layers are run in `run_layers`."""
+
+    def __init__(self, config: ModelConfig, layer_class: type[nn.Module] = DecoderLayer):
+        super().__init__(config)
+        self.model = DecoderBody(config, layer_class)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, max_length: int = 0) -> KVCache:
+        c = self.config
+        device = device if device is not None else self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        return KVCache.allocate(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_length, device, dtype)
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   positions: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """x: [B, T, C] -> [B, T, C], plus extras (aux losses, metrics)."""
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None if state is None else state.layers[i])
+        return x, {}
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                state: KVCache | None = None) -> ModelOutput:
+        b, t = input_ids.shape
+        if state is None and not self.training:
+            state = self.init_state(b, device=input_ids.device)
+        start = 0 if state is None else state.position
+        positions = torch.arange(start, start + t, device=input_ids.device)  # [T]
+        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+        cos, sin = self.rotary(positions, x.dtype)  # [T, D]
+        x, extras = self.run_layers(x, cos, sin, positions, state)
+        logits = self.lm_head(self.model.norm(x))  # [B, T, V]
+        if state is not None:
+            state.position += t
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, aux_loss=extras.get("aux_loss"), state=state,
+                           metrics=extras.get("metrics", {}))
+
+
+@register("standard", StandardConfig)
+class StandardModel(TransformerLM):
+    """Qwen2 / Llama dense transformer."""

@@ -1,0 +1,86 @@
+"""Grouped-query self-attention through `scaled_dot_product_attention` (flash on CUDA when the
+mask allows), optional q/k/v bias, optional sliding window, KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynlm.nn.cache import LayerKVCache
+from dynlm.nn.rope import apply_rotary
+
+
+def attention_mask(
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    window: int | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask, True = may attend. q_positions: [Tq] or [B, Tq], k_positions: [Tk] or [B, Tk];
+    valid: [B, Tk] key validity. Returns [Tq, Tk] or [B, 1, Tq, Tk]."""
+    mask = k_positions.unsqueeze(-2) <= q_positions.unsqueeze(-1)
+    if window is not None:
+        mask = mask & (k_positions.unsqueeze(-2) > q_positions.unsqueeze(-1) - window)
+    if valid is not None:
+        mask = mask & valid.unsqueeze(-2)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, T, C]; cos/sin: [T, D] or [B, T, D] for the tokens' true positions.
+        Without a cache, x is a causal sequence (tokens in position order). With a cache, the T
+        new tokens follow the `cache.length` cached ones; `key_valid` [B, T] marks which new
+        tokens become keys (routed layers)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        mask, valid = None, None
+        if cache is None:
+            if self.sliding_window is not None:
+                pos = torch.arange(t, device=x.device)
+                mask = attention_mask(pos, pos, self.sliding_window)
+        else:
+            start = cache.length
+            k, v, valid = cache.append(k, v, key_valid)
+            if t > 1 or self.sliding_window is not None or valid is not None:
+                q_pos = torch.arange(start, start + t, device=x.device)
+                k_pos = torch.arange(start + t, device=x.device)
+                mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
+        is_causal = cache is None and mask is None
+        gqa = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        if valid is not None:
+            # a query with no valid key at all gets NaN from softmax; its output is 0 instead
+            y = torch.where(mask.any(-1, keepdim=True), y, torch.zeros((), dtype=y.dtype, device=y.device))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
