@@ -1,0 +1,5 @@
+import sys
+
+from dynlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `dynlm` subcommand, each with `register(subparsers)`."""
