@@ -1,0 +1,61 @@
+"""`dynlm generate`: text from any checkpoint (ours, Hugging Face, GGUF, code form)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dynlm.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a model")
+    p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face directory or .gguf file")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the tokenizer's chat template (default: when it has one)")
+    chat.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dynlm
+    from dynlm.infer.generate import generate, stream_generate
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            raise ConfigError(f"--prompt-file '{args.prompt_file}' not found")
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt given", "use --prompt TEXT or --prompt-file FILE")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = dynlm.load_pretrained(args.model, device=args.device)
+    tokenizer = dynlm.load_tokenizer(args.model)
+    chat = bool(getattr(tokenizer, "chat_template", None)) if args.chat is None else args.chat
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed, chat=chat,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty)
+    if len(prompts) == 1 and not args.no_stream:
+        for piece in stream_generate(model, tokenizer, prompts[0], **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, **options)):
+        print(f"### {prompt}\n{answer}\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Inference: the generation engine (one for every architecture)."""

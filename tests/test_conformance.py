@@ -1,0 +1,167 @@
+"""The model contract (DESIGN.md, "Conformance tests"), checked for every registered architecture.
+
+A new architecture that registers itself and ships an `<arch>-tiny` preset is tested here
+automatically."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynlm
+from dynlm.infer.generate import generate_ids
+from dynlm.models.base import causal_lm_loss
+
+VOCAB = 97
+ARCHITECTURES = dynlm.list_architectures()
+
+
+def tiny(arch: str) -> dynlm.models.base.DynModel:
+    torch.manual_seed(0)
+    return dynlm.build_model(f"{arch}-tiny", vocab_size=VOCAB)
+
+
+def tokens(batch: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def fixed_routing(model, x: torch.Tensor):
+    """For architectures that route by a whole-sequence top-k in training: record the routing
+    masks of one forward on `x` and replay them, so that causality can be checked given a fixed
+    mask. Other architectures: a no-op."""
+    if model.causal_in_training:
+        return contextlib.nullcontext()
+    with torch.no_grad():
+        model(x)
+    return model.fixed_routing(model.last_routing_masks)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+def test_every_architecture_has_a_tiny_preset(arch):
+    assert f"{arch}-tiny" in dynlm.list_presets()
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_causal_and_rows_independent(arch, mode):
+    model = tiny(arch)
+    model.train(mode == "train")
+    x = tokens()
+    t = 11
+    changed_future = x.clone()
+    changed_future[:, t + 1:] = (changed_future[:, t + 1:] + 1) % VOCAB
+    changed_row = x.clone()
+    changed_row[1] = (changed_row[1] + 5) % VOCAB
+    with fixed_routing(model, x), torch.no_grad():
+        base = model(x).logits
+        future = model(changed_future).logits
+    # causality: positions <= t never see the changed future (given the routing, for routed models)
+    torch.testing.assert_close(future[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        base = model(x).logits
+        other = model(changed_row).logits
+    # nothing crosses batch rows, whatever the mode
+    torch.testing.assert_close(other[[0, 2]], base[[0, 2]], atol=1e-5, rtol=0)
+    assert (other[1] - base[1]).abs().max() > 1e-4
+
+
+def test_streaming_equivalence(arch):
+    model = tiny(arch).eval()
+    x = tokens(batch=2, length=20)
+    with torch.no_grad():
+        full = model(x).logits
+        state = model.init_state(2)
+        out = model(x[:, :9], state=state)
+        pieces = [out.logits]
+        state = out.state
+        for i in range(9, 20):
+            out = model(x[:, i: i + 1], state=state)
+            pieces.append(out.logits)
+            state = out.state
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_decode_with_state_matches_full_forward(arch):
+    model = tiny(arch).eval()
+    prompt = tokens(batch=2, length=7)
+    ids = generate_ids(model, prompt, max_new_tokens=12)
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            ref = torch.cat([ref, model(ref).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ids, ref)
+
+
+def test_state_size(arch):
+    model = tiny(arch).eval()
+    with torch.no_grad():
+        state = model.init_state(1)
+        out = model(tokens(1, 8), state=state)
+        small = model.state_nbytes(out.state)
+        out = model(tokens(1, 40, seed=2), state=out.state)
+        large = model.state_nbytes(out.state)
+    if model.constant_state:
+        assert large == small, "a recurrent state must not grow with the tokens consumed"
+    else:
+        assert large > small, "a KV cache grows with context; state_nbytes must say so"
+
+
+def test_save_load_round_trip(arch, tmp_path: Path):
+    model = tiny(arch).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    # no executable or pickled content: only JSON and safetensors
+    assert all(f.endswith((".json", ".safetensors")) for f in files), files
+    loaded = dynlm.load_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_label_convention(arch):
+    model = tiny(arch).eval()
+    x = tokens()
+    labels = x.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        out = model(x, labels=labels)
+    manual = causal_lm_loss(out.logits, labels)
+    torch.testing.assert_close(out.loss, manual)
+    assert out.logits.shape == (*x.shape, VOCAB)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def _total_loss(out) -> torch.Tensor:
+    return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+
+def test_learns_on_a_fixed_batch(arch):
+    model = tiny(arch).train()
+    x = tokens(batch=4, length=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = model(x, labels=x)
+        loss = _total_loss(out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_gradients_reach_every_parameter(arch):
+    model = tiny(arch).train()
+    x = tokens(batch=4, length=32)
+    _total_loss(model(x, labels=x)).backward()
+    dead = [name for name, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert not dead, f"no gradient reaches: {dead}"
