@@ -1,0 +1,134 @@
+"""Shared blocks against naive references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dynlm.nn import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+
+
+def naive_rmsnorm(x, weight, eps):
+    x64 = x.double()
+    return (weight.double() * x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rmsnorm_matches_reference_and_computes_in_fp32():
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(norm(x), naive_rmsnorm(x, norm.weight, 1e-6), atol=1e-6, rtol=1e-5)
+    # bf16 input: computed in fp32 then cast, so no overflow on large activations
+    big = (torch.randn(2, 16) * 1e4).bfloat16()
+    out = norm(big)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), naive_rmsnorm(big.float(), norm.weight, 1e-6), atol=2e-2, rtol=2e-2)
+
+
+def naive_rope(x, positions, theta):
+    # x: [B, H, T, D] rotated pairwise (i, i + D/2), angle = pos * theta^(-2i/D)
+    d = x.shape[-1]
+    out = x.clone().double()
+    for t, pos in enumerate(positions.tolist()):
+        for i in range(d // 2):
+            angle = pos * theta ** (-2 * i / d)
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x[..., t, i].double(), x[..., t, i + d // 2].double()
+            out[..., t, i] = a * c - b * s
+            out[..., t, i + d // 2] = a * s + b * c
+    return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+def test_rope_matches_reference(theta):
+    rope = RotaryEmbedding(8, theta)
+    x = torch.randn(2, 3, 5, 8)
+    positions = torch.tensor([0, 1, 7, 100, 4095])
+    cos, sin = rope(positions, torch.float32)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), naive_rope(x, positions, theta), atol=1e-4, rtol=1e-4)
+
+
+def test_rope_per_row_positions():
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 3, 4, 8)
+    pos = torch.tensor([[0, 2, 5, 9], [1, 3, 4, 8]])
+    cos, sin = rope(pos, torch.float32)  # [B, T, D]
+    out = apply_rotary(x, cos, sin)
+    for b in range(2):
+        c, s = rope(pos[b], torch.float32)
+        torch.testing.assert_close(out[b: b + 1], apply_rotary(x[b: b + 1], c, s))
+
+
+def test_swiglu_matches_formula():
+    mlp = SwiGLU(8, 12)
+    x = torch.randn(2, 3, 8)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), ref)
+
+
+def naive_attention(attn: Attention, x, positions, window=None):
+    """Loop over heads and positions; softmax over allowed keys."""
+    b, t, _ = x.shape
+    h, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    rope = RotaryEmbedding(d)
+    cos, sin = rope(positions, x.dtype)
+    q = apply_rotary(attn.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
+    k = apply_rotary(attn.k_proj(x).view(b, t, hk, d).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(b, t, hk, d).transpose(1, 2)
+    out = torch.zeros(b, h, t, d)
+    for head in range(h):
+        kv = head // (h // hk)
+        for i in range(t):
+            allowed = [j for j in range(t) if j <= i and (window is None or j > i - window)]
+            scores = torch.stack([(q[:, head, i] * k[:, kv, j]).sum(-1) / math.sqrt(d) for j in allowed], -1)
+            weights = scores.softmax(-1)
+            out[:, head, i] = sum(weights[:, n: n + 1] * v[:, kv, j] for n, j in enumerate(allowed))
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+@pytest.mark.parametrize("heads,kv_heads,bias,window", [(4, 4, False, None), (4, 2, True, None), (4, 1, False, 3)])
+def test_attention_matches_naive_reference(heads, kv_heads, bias, window):
+    torch.manual_seed(0)
+    attn = Attention(16, heads, kv_heads, 8, qkv_bias=bias, sliding_window=window)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 7, 16)
+    pos = torch.arange(7)
+    cos, sin = rope(pos, x.dtype)
+    torch.testing.assert_close(attn(x, cos, sin), naive_attention(attn, x, pos, window), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_with_cache_equals_full(window):
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 2, 8, sliding_window=window)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 9, 16)
+    cos, sin = rope(torch.arange(9), x.dtype)
+    full = attn(x, cos, sin)
+    cache = KVCache.allocate(1, 2, 2, 8, capacity=4).layers[0]  # small: forces the cache to grow
+    parts = [attn(x[:, :5], cos[:5], sin[:5], cache)]
+    for i in range(5, 9):
+        parts.append(attn(x[:, i: i + 1], cos[i: i + 1], sin[i: i + 1], cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+    assert cache.length == 9 and cache.capacity >= 9
+
+
+def test_cache_key_valid_masks_skipped_tokens():
+    """A token marked invalid in the cache is invisible to later queries."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, 2, 8)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 4, 16)
+    cos, sin = rope(torch.arange(4), x.dtype)
+    cache = KVCache.allocate(1, 1, 2, 8, capacity=8).layers[0]
+    attn(x[:, :3], cos[:3], sin[:3], cache, key_valid=torch.tensor([[True, False, True]]))
+    last = attn(x[:, 3:], cos[3:], sin[3:], cache)
+    # reference: the same query over positions 0, 2, 3 only
+    ref_cache = KVCache.allocate(1, 1, 2, 8, capacity=8).layers[0]
+    keep = [0, 2]
+    attn(x[:, keep], cos[keep], sin[keep], ref_cache)
+    ref = attn(x[:, 3:], cos[3:], sin[3:], ref_cache)
+    torch.testing.assert_close(last, ref, atol=1e-5, rtol=1e-4)
