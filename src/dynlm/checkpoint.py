@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +142,20 @@ def atomic_directory(directory: Path):
 def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = None,
                     generation_config: dict[str, Any] | None = None,
                     extra_files: dict[str, bytes] | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` as a checkpoint directory, atomically. `state_dict` replaces the model's own
+    tensors (e.g. a full state dict gathered from a sharded model); `write_extra(tmp_dir)` may add
+    files inside the same atomic write (the trainer's `trainer/` folder)."""
+    from dynlm.registry import get_architecture
+
     directory = Path(directory)
     config = model.config
     with atomic_directory(directory) as tmp:
-        write_safetensors(model_state_dict(model), tmp, max_shard_bytes)
-        cfg = {"architectures": [type(model).__name__], "model_type": config.family,
+        write_safetensors(state_dict if state_dict is not None else model_state_dict(model), tmp, max_shard_bytes)
+        class_name = get_architecture(model.architecture)[1].__name__  # not a wrapper's (FSDP) class name
+        cfg = {"architectures": [class_name], "model_type": config.family,
                **hf_config_fields(config),
                "dynlm": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
                          "config": config.to_dict()}}
@@ -158,6 +167,8 @@ def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = Non
         for name, data in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
+        if write_extra is not None:
+            write_extra(tmp)
     return directory
 
 
