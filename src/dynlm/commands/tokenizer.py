@@ -64,8 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
     train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
     print(f"training byte-level BPE (vocab {args.vocab_size}) on {corpus.name} train: "
           f"{len(train_texts)} documents, {train_bytes:,} bytes", file=sys.stderr)
-    tokenizer = train_bpe(train_texts, args.vocab_size, min_frequency=args.min_frequency,
-                          show_progress=sys.stderr.isatty())
+    tokenizer = train_bpe(train_texts, args.vocab_size, min_frequency=args.min_frequency)
 
     # write into a fresh folder, then move the files in: `output` never holds half a tokenizer
     output.parent.mkdir(parents=True, exist_ok=True)

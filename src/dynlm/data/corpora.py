@@ -364,6 +364,12 @@ class FilesCorpus(Corpus):
     def location(self) -> Path | None:
         return self.base
 
+    @property
+    def cache_key(self) -> str:
+        # the same relative path in two folders is two corpora: key on the absolute spec too
+        absolute = os.path.abspath(os.path.expanduser(self.name))
+        return f"{super().cache_key[-60:]}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
+
     def _doc_id(self, path: Path) -> str:
         if self.base is not None:
             try:

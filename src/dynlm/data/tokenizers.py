@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -295,12 +296,15 @@ def check_bpe_vocab_size(vocab_size: int, special_tokens: Sequence[str] = DEFAUL
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
               bos_token: str | None = ENDOFTEXT, eos_token: str | None = ENDOFTEXT, pad_token: str | None = PAD,
-              min_frequency: int = 2, show_progress: bool = True) -> HFTokenizer:
+              min_frequency: int = 2, show_progress: bool | None = None) -> HFTokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style pre-tokenizer, no normalizer) with Hugging Face
     `tokenizers`. Special tokens get the first ids, then the 256 byte symbols, then the merges, so
     every UTF-8 text is encodable and `decode(encode(x)) == x`. bos/eos/pad are added to the
     special tokens if missing; the result prepends the separator (BOS) to prompts, as the models
-    trained on dynlm token streams expect."""
+    trained on dynlm token streams expect. `show_progress` (default: when on a terminal) shows the
+    trainer's own progress bars."""
+    if show_progress is None:  # the Rust bars print bare newlines when not on a terminal
+        show_progress = sys.stdout.isatty() and sys.stderr.isatty()
     specials = list(dict.fromkeys([*special_tokens, *(t for t in (bos_token, eos_token, pad_token) if t)]))
     check_bpe_vocab_size(vocab_size, specials)
     backend = tokenizers.Tokenizer(models.BPE())
