@@ -1,0 +1,271 @@
+"""`train()`: a whole run, from config to evaluated checkpoint.
+
+    from dynlm.train import train
+    run_dir = train("quick")                                      # a shipped mode preset
+    run_dir = train("my_run.yaml", ["train.lr=1e-3", "model.num_layers=8"])
+    run_dir = train(resume="runs/my_run")                          # continues exactly where it stopped
+
+Steps: resolve the config; join the process group when launched by torchrun; prepare the
+tokenizer and token splits (cached); build the model (or initialise it from `init_from`, copying
+every matching tensor); train; evaluate the best checkpoint on the full validation and test
+splits; generate a sample; plot the loss curve. Everything lands in the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynlm.checkpoint import model_state_dict
+from dynlm.errors import CheckpointError, ConfigError
+from dynlm.train import distributed
+from dynlm.train.checkpointing import find_resume_checkpoint
+from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
+from dynlm.train.data import prepare_run_data
+from dynlm.train.trainer import Callback, Trainer, load_weights, read_metrics, seed_everything
+
+
+def _unique_run_dir(out_dir: Path, name: str) -> Path:
+    """out_dir/name, or name-2, name-3, ... when that folder already holds something."""
+    candidate, n = out_dir / name, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = out_dir / f"{name}-{n}"
+    return candidate
+
+
+def transfer_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict[str, list[str]]:
+    """Copy every tensor of `source` whose name and shape match one of `target`. Returns the
+    names copied, skipped (in the source, no match in the target) and fresh (target tensors
+    left at their initialisation)."""
+    source_tensors = model_state_dict(source)
+    target_state = target.state_dict()
+    target_names = set(model_state_dict(target))
+    copied, skipped = [], []
+    with torch.no_grad():
+        for name, tensor in source_tensors.items():
+            if name in target_names and tuple(target_state[name].shape) == tuple(tensor.shape):
+                target_state[name].copy_(tensor)
+                copied.append(name)
+            elif name in target_names:
+                skipped.append(f"{name} (shape {tuple(tensor.shape)} vs {tuple(target_state[name].shape)})")
+            else:
+                skipped.append(f"{name} (not in the target)")
+    fresh = sorted(target_names - set(copied))
+    return {"copied": copied, "skipped": skipped, "fresh": fresh}
+
+
+def _say(ctx: distributed.DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
+          overrides: Sequence[str] | dict[str, Any] | None = None, *, resume: str | Path | None = None,
+          callbacks: Sequence[Callback] = ()) -> Path:
+    """Run training and return the run folder. `config` is a mode preset ("quick", "scratch",
+    "transfer"), a YAML file, a dict or a RunConfig; `resume` a run folder to continue (its saved
+    config, with `overrides` applied on top, e.g. a larger train.max_steps)."""
+    t_start = time.perf_counter()
+    overrides = list(overrides) if overrides is not None and not isinstance(overrides, dict) else overrides
+    checkpoint: Path | None = None
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("give either a config or --resume RUN_DIR, not both",
+                              "overrides still apply when resuming")
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
+        run = load_run_config(run_dir / "config.yaml", overrides)
+    else:
+        run = load_run_config(config if config is not None else "quick", overrides)
+
+    ctx = distributed.setup(run.train.device)
+    try:
+        if resume is not None:
+            checkpoint, problems = find_resume_checkpoint(run_dir)
+            for problem in problems:
+                _say(ctx, f"skipping a broken checkpoint: {problem}")
+        else:
+            chosen = [str(_unique_run_dir(Path(run.out_dir), run.run_name))] if ctx.is_main else [None]
+            run_dir = Path(distributed.all_gather_objects(chosen[0], ctx)[0])  # rank 0 decides
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        _say(ctx, f"run folder: {run_dir}")
+
+        # data: rank 0 fetches, trains the tokenizer and tokenizes; the others then read the cache
+        if ctx.is_main:
+            tokenizer, splits = prepare_run_data(run)
+        distributed.barrier(ctx)
+        if not ctx.is_main:
+            tokenizer, splits = prepare_run_data(run, show_progress=False)
+
+        torch.manual_seed(run.train.seed)  # the same initial weights on every rank
+        model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx)
+        if ctx.is_main:
+            run.save(run_dir / "config.yaml", model_config)
+        _say(ctx, f"model: {model_config.type}, {model.num_parameters() / 1e6:.2f}M parameters, "
+                  f"{model_config.num_layers} layers x {model_config.hidden_size}; tokenizer {run.data.tokenizer} "
+                  f"(vocab {tokenizer.vocab_size}); {len(splits['train'].tokens):,} training tokens")
+        seed_everything(run.train.seed, ctx.rank)
+
+        trainer = Trainer(run, model, tokenizer, splits, run_dir, ctx, callbacks)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        summary = trainer.fit()
+        results = final_evaluation(trainer)
+        sample = _sample(trainer)
+        if ctx.is_main:
+            report = {**summary, "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - t_start,
+                      "evaluation": results, "sample": sample,
+                      "checkpoint": str(run_dir / "best") if trainer.best_step is not None else None}
+            (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            if run.train.plot:
+                plot_metrics(run_dir)
+            _print_summary(report)
+        distributed.barrier(ctx)
+    finally:
+        distributed.teardown(ctx)
+    return run_dir
+
+
+def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_dir: Path,
+                 ctx: distributed.DistContext) -> tuple[torch.nn.Module, Any]:
+    from dynlm.registry import get_architecture
+
+    source = None
+    if run.init_from and checkpoint is None:
+        from dynlm import load_pretrained
+
+        source = load_pretrained(run.init_from)
+    model_config = resolve_model_config(run, tokenizer.vocab_size, source.config if source is not None else None)
+    _, model_class = get_architecture(model_config.type)
+    model = model_class(model_config)
+    if source is not None:
+        report = transfer_weights(source, model)
+        del source
+        if ctx.is_main:
+            (run_dir / "transfer.json").write_text(json.dumps({"init_from": run.init_from, **report}, indent=2))
+        _say(ctx, f"initialised from {run.init_from}: copied {len(report['copied'])} tensors, skipped "
+                  f"{len(report['skipped'])}, freshly initialised {len(report['fresh'])} (details in transfer.json)")
+        if not report["copied"]:
+            raise ConfigError(f"init_from '{run.init_from}': no tensor matches the model's names and shapes",
+                              "check model.type and the size fields")
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model.to(ctx.device), model_config
+
+
+def final_evaluation(trainer: Trainer) -> dict[str, Any]:
+    """The best checkpoint's figures on the full splits named in `train.final_eval`."""
+    from dynlm.eval.evaluate import score_documents, split_documents_of, summarize
+
+    cfg = trainer.cfg
+    if not cfg.final_eval:
+        return {}
+    best = trainer.run_dir / "best"
+    if trainer.best_step is not None and trainer.best_step != trainer.step:
+        _load_into_trained_model(trainer, best)
+    results: dict[str, Any] = {"step": trainer.best_step if trainer.best_step is not None else trainer.step}
+    for split_name in cfg.final_eval:
+        split = trainer.splits[split_name]
+        total, count = score_documents(trainer.model, split_documents_of(split), trainer.seq_len, trainer.eval_stride,
+                                       cfg.eval_batch_size, trainer.dtype, trainer.ctx)
+        results[split_name] = summarize(total, count, int(split.num_bytes), getattr(split, "num_chars", None),
+                                        split.num_docs, trainer.seq_len, trainer.eval_stride)
+    return results
+
+
+def _load_into_trained_model(trainer: Trainer, checkpoint: Path) -> None:
+    if trainer.cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from dynlm.checkpoint import read_safetensors
+
+        set_model_state_dict(trainer.model, read_safetensors(checkpoint), options=StateDictOptions(
+            full_state_dict=True, strict=False))
+    else:
+        load_weights(trainer.model, checkpoint)
+
+
+def _sample(trainer: Trainer) -> str | None:
+    cfg = trainer.cfg
+    if cfg.sample_prompt is None or cfg.sample_tokens == 0 or not trainer.ctx.is_main or cfg.fsdp:
+        return None
+    import dynlm
+
+    prompt = cfg.sample_prompt
+    if not prompt and not getattr(trainer.tokenizer, "prepend_separator", False):
+        return None  # nothing to condition on
+    text = dynlm.generate(trainer.model, trainer.tokenizer, prompt, max_new_tokens=cfg.sample_tokens,
+                          temperature=0.8, top_k=50, seed=cfg.seed)
+    return prompt + text
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    lines = [f"\nrun: {report['run_dir']}"]
+    evaluation = report.get("evaluation") or {}
+    if report.get("checkpoint"):
+        lines.append(f"best checkpoint: {report['checkpoint']} (step {evaluation.get('step', report['best_step'])})")
+    for split in ("val", "test", "train"):
+        if split in evaluation:
+            r = evaluation[split]
+            extra = f", {r['bpc']:.4f} bits/char" if "bpc" in r else ""
+            lines.append(f"{split:>5}: {r['bpb']:.4f} bits per byte{extra} | {r['loss_nats']:.4f} nats/token | "
+                         f"ppl {r['ppl']:.2f} | {r['num_tokens']:,} tokens, stride {r['stride']}")
+    if report.get("skipped_steps"):
+        lines.append(f"skipped steps (non-finite): {report['skipped_steps']}")
+    minutes, seconds = divmod(report["wall_seconds"], 60)
+    lines.append(f"time: {int(minutes)}m{seconds:04.1f}s in all ({report['train_seconds']:.1f}s training)")
+    if report.get("sample"):
+        lines.append("sample:\n" + report["sample"])
+    print("\n".join(lines), flush=True)
+
+
+def plot_metrics(run_dir: Path) -> Path | None:
+    """loss.png: training loss and validation bits per byte against the step (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss curve skipped: matplotlib is not installed (pip install 'dynlm[plot]')", file=sys.stderr)
+        return None
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train" and r.get("loss") is not None]
+    evals = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if r.get("event") == "eval"]
+    fig, left = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        left.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1)
+    if evals:
+        steps, losses, _ = zip(*evals)
+        left.plot(steps, losses, "o-", label="val loss", color="tab:orange", markersize=3)
+    left.set_xlabel("step")
+    left.set_ylabel("loss (nats/token)")
+    left.grid(alpha=0.3)
+    if evals:
+        right = left.twinx()
+        right.plot([s for s, _, _ in evals], [b for _, _, b in evals], "s--", color="tab:green", markersize=3,
+                   label="val bits/byte")
+        right.set_ylabel("val bits per byte")
+        lines = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+        left.legend(lines, labels, loc="upper right")
+    elif train:
+        left.legend(loc="upper right")
+    finite = [loss for _, loss in train if math.isfinite(loss)]
+    if finite:
+        left.set_ylim(min(finite) * 0.95, min(max(finite), min(finite) * 3))
+    left.set_title(run_dir.name)
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
