@@ -143,9 +143,10 @@ def gguf_config(reader: GGUFReader, source: str = "model.gguf") -> dict[str, Any
         raise CheckpointError(f"{source}: tensor 'token_embd.weight' is missing")
     # GGUF shapes are listed fastest-varying first: token_embd is [hidden, vocab]
     hidden, rows = (int(d) for d in tensors["token_embd.weight"].shape[:2])
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens) > rows:
-        raise CheckpointError(f"{source}: {len(tokens)} tokens but an embedding of only {rows} rows")
+    token_list = reader.fields.get("tokenizer.ggml.tokens")
+    num_tokens = 0 if token_list is None else len(token_list.data)  # counted without decoding them
+    if num_tokens > rows:
+        raise CheckpointError(f"{source}: {num_tokens} tokens but an embedding of only {rows} rows")
     heads = int(meta.require(f"{arch}.attention.head_count"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
