@@ -1,0 +1,94 @@
+"""`dynlm eval`: nats per token, perplexity and bits per byte of a model on a corpus split or files.
+
+    dynlm eval --model runs/my_run/best --corpus shakespeare --split test
+    dynlm eval --model smollm2.gguf --text essay.txt --seq-len 512 --stride 256
+
+The JSON result goes to stdout (and to --output FILE); a one-line summary to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dynlm.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a model on a corpus split or texts")
+    p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face directory or .gguf file")
+    p.add_argument("--corpus", help="corpus name or path (default: the one the model was trained on, else "
+                                    "shakespeare)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
+    p.add_argument("--text", action="append", type=Path, default=[],
+                   help="evaluate these UTF-8 files instead of a corpus split (repeatable; one document each)")
+    p.add_argument("--seq-len", type=int, help="context window (default: the training seq_len, else up to 1024)")
+    p.add_argument("--stride", type=int, help="new tokens scored per window (default: seq_len // 2)")
+    p.add_argument("--max-bytes", type=int, help="score about this many bytes, in evenly spaced pieces")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype (auto: bfloat16 on CUDA)")
+    p.add_argument("--output", "-o", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(handler=run)
+
+
+def _training_info(model_path: Path) -> dict:
+    path = model_path / "training.json"
+    if model_path.is_dir() and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    import dynlm
+    from dynlm.eval import evaluate
+    from dynlm.train.distributed import resolve_device, resolve_dtype
+
+    for name in ("seq_len", "stride", "max_bytes", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    model_path = Path(args.model)
+    info = _training_info(model_path)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = dynlm.load_pretrained(model_path, device=device)
+    tokenizer = dynlm.load_tokenizer(model_path)
+    seq_len = args.seq_len or info.get("seq_len")
+
+    if args.text:
+        texts = []
+        for path in args.text:
+            if not path.is_file():
+                raise ConfigError(f"--text '{path}' not found")
+            texts.append(path.read_text(encoding="utf-8"))
+        source, what = texts, ", ".join(str(p) for p in args.text)
+    else:
+        from dynlm.data.corpora import DEFAULT_CORPUS, DEFAULT_SPLITS
+        from dynlm.data.shards import prepare_corpus
+
+        corpus = args.corpus or info.get("corpus") or DEFAULT_CORPUS
+        splits = tuple(info.get("splits") or DEFAULT_SPLITS) if not args.corpus or args.corpus == info.get(
+            "corpus") else DEFAULT_SPLITS
+        source = prepare_corpus(corpus, tokenizer, splits=splits, show_progress=args.progress)
+        what = f"{corpus} ({args.split})"
+    result = evaluate(model, tokenizer, source, split=args.split, seq_len=seq_len, stride=args.stride,
+                      batch_size=args.batch_size, max_bytes=args.max_bytes, dtype=dtype, progress=args.progress)
+    result = {"model": str(model_path), "data": what, "architecture": model.architecture,
+              "parameters": model.num_parameters(), **result}
+    text = json.dumps(result, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    bpc = f", {result['bpc']:.4f} bits/char" if "bpc" in result else ""
+    sys.stderr.write(f"{what}: {result['bpb']:.4f} bits per byte{bpc}, {result['loss_nats']:.4f} nats/token, "
+                     f"ppl {result['ppl']:.2f} ({result['num_tokens']:,} tokens, {result['num_bytes']:,} bytes, "
+                     f"seq_len {result['seq_len']}, stride {result['stride']})\n")
+    print(text)
+    return 0

@@ -1,0 +1,43 @@
+"""Data parallel training: 2 CPU processes (gloo) launched by torchrun give the losses of a
+single-process run with the same global batch, and only rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from dynlm.train import train
+from dynlm.train.trainer import read_metrics
+from test_train import corpus_dir, tiny_run  # noqa: F401  (a fixture, imported to share it)
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_process_ddp_matches_single_process(tmp_path, corpus_dir, grad_accum):  # noqa: F811
+    single = train(tiny_run(tmp_path, corpus_dir, "single", batch_size=8, grad_accum=grad_accum, max_steps=6,
+                            eval_every=3, save_every=3))
+
+    cfg = tiny_run(tmp_path, corpus_dir, "ddp", batch_size=8, grad_accum=grad_accum, max_steps=6, eval_every=3,
+                   save_every=3)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dynlm", "train", str(config_file)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ddp = tmp_path / "runs" / "ddp"
+    assert not (tmp_path / "runs" / "ddp-2").exists()  # both ranks used one folder
+    assert [r["step"] for r in read_metrics(ddp) if r["event"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 only
+    assert _losses(ddp) == pytest.approx(_losses(single), rel=1e-5)
+    val = lambda d: [r["val_bpb"] for r in read_metrics(d) if r["event"] == "eval"]  # noqa: E731
+    assert val(ddp) == pytest.approx(val(single), rel=1e-5)
+    assert (ddp / "step-000006" / "trainer" / "state.json").is_file()
