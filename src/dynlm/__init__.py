@@ -74,7 +74,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer of a checkpoint directory, a `tokenizer.json`, a `.gguf` file, or "bytes"."""
+    """The tokenizer of a checkpoint directory (code form too), a `tokenizer.json`, a `.gguf` file, or "bytes"."""
+    if str(path) != "bytes" and (Path(path) / "vocab.py").is_file() and (Path(path) / "weights.py").is_file():
+        from dynlm.weights.store import load_vocab_tokenizer
+
+        return load_vocab_tokenizer(path)
     from dynlm.data.tokenizers import load_tokenizer as _load
 
     return _load(path)
