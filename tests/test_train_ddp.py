@@ -1,5 +1,6 @@
 """Data parallel training: 2 CPU processes (gloo) launched by torchrun give the losses of a
-single-process run with the same global batch, and only rank 0 writes."""
+single-process run with the same global batch, and only rank 0 writes. FSDP2 (sharded
+parameters and optimizer state) the same, resume included."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ def _losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
+def torchrun(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dynlm", "train", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("grad_accum", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_two_process_ddp_matches_single_process(tmp_path, corpus_dir, grad_accum):  # noqa: F811
     single = train(tiny_run(tmp_path, corpus_dir, "single", batch_size=8, grad_accum=grad_accum, max_steps=6,
                             eval_every=3, save_every=3))
@@ -28,11 +37,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, corpus_dir, grad_accum
                    save_every=3)
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dynlm", "train", str(config_file)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(str(config_file))
 
     ddp = tmp_path / "runs" / "ddp"
     assert not (tmp_path / "runs" / "ddp-2").exists()  # both ranks used one folder
@@ -41,3 +46,23 @@ def test_two_process_ddp_matches_single_process(tmp_path, corpus_dir, grad_accum
     val = lambda d: [r["val_bpb"] for r in read_metrics(d) if r["event"] == "eval"]  # noqa: E731
     assert val(ddp) == pytest.approx(val(single), rel=1e-5)
     assert (ddp / "step-000006" / "trainer" / "state.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, corpus_dir):  # noqa: F811
+    import dynlm
+
+    single = train(tiny_run(tmp_path, corpus_dir, "single", batch_size=8, max_steps=6, eval_every=3, save_every=3,
+                            final_eval=["val"]))
+    cfg = tiny_run(tmp_path, corpus_dir, "fsdp", batch_size=8, max_steps=4, eval_every=3, save_every=3,
+                   final_eval=["val"], fsdp=True)
+    config_file = tmp_path / "fsdp.yaml"
+    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    torchrun(str(config_file))
+    fsdp = tmp_path / "runs" / "fsdp"
+    torchrun("--resume", str(fsdp), "train.max_steps=6")  # from step 4: gathered optimizer state re-sharded
+    assert _losses(fsdp)[:3] == pytest.approx(_losses(single)[:3], rel=1e-5)
+    assert len(_losses(fsdp)) == 6
+    # full (unsharded) weights in the checkpoints: they load in one process
+    model = dynlm.load_pretrained(fsdp / "last")
+    assert model.config.hidden_size == 32

@@ -418,7 +418,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _parameters_finite(self) -> bool:
-        flags = torch.stack([torch.isfinite(p.detach()).all() for p in self.model.parameters()]).all()
+        """Every rank checks its parameters (its shards under FSDP2); all must be finite."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        flags = torch.stack([torch.isfinite(p.detach()).all() for p in local]).all()
         flags = distributed.all_reduce_sum((~flags).float().reshape(1), self.ctx)
         return float(flags[0]) == 0
 
