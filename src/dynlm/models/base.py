@@ -25,9 +25,9 @@ class ModelOutput:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Hugging Face convention: labels == input_ids, shifted here; -100 is ignored. fp32."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+    # shift the labels rather than the logits: no copy of the [B, T, V] logits
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]; the last position predicts nothing
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=-100, reduction=reduction)
 
 
