@@ -132,3 +132,22 @@ def test_cache_key_valid_masks_skipped_tokens():
     attn(x[:, keep], cos[keep], sin[keep], ref_cache)
     ref = attn(x[:, 3:], cos[3:], sin[3:], ref_cache)
     torch.testing.assert_close(last, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_equal_separate(bias, monkeypatch):
+    import dynlm.nn.linear as linear_mod
+
+    linears = [torch.nn.Linear(8, n, bias=bias) for n in (8, 4, 4)]
+    x = torch.randn(2, 3, 8)
+    fused = linear_mod.project(x, linears)  # grad enabled: one matmul
+    with torch.no_grad():
+        separate = linear_mod.project(x, linears)
+    monkeypatch.setattr(linear_mod, "FUSE_PROJECTIONS", False)
+    unfused = linear_mod.project(x, linears)
+    for a, b, c, lin in zip(fused, separate, unfused, linears):
+        torch.testing.assert_close(a, lin(x))
+        torch.testing.assert_close(b, lin(x))
+        torch.testing.assert_close(c, lin(x))
+    sum(t.sum() for t in fused).backward()
+    assert all(lin.weight.grad is not None for lin in linears)

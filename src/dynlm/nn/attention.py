@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynlm.nn.cache import LayerKVCache
+from dynlm.nn.linear import project
 from dynlm.nn.rope import apply_rotary
 
 
@@ -46,7 +47,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.qkv_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
     def forward(
         self,
@@ -61,13 +61,7 @@ class Attention(nn.Module):
         new tokens follow the `cache.length` cached ones; `key_valid` [B, T] marks which new
         tokens become keys (routed layers)."""
         b, t, _ = x.shape
-        # one matmul for q, k and v (faster than three on GPU); the parameters stay separate so
-        # that names and shapes match Hugging Face checkpoints
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        q, k, v = F.linear(x, weight, bias).split(self.qkv_sizes, dim=-1)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynlm.nn.linear import project
+
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases (Qwen2/Llama MLP)."""
@@ -15,6 +17,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up in one matmul (faster on GPU); separate parameters keep Hugging Face names
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = project(x, [self.gate_proj, self.up_proj])
         return self.down_proj(F.silu(gate) * up)

@@ -132,15 +132,17 @@ class CausalRouter(nn.Module):
     def __init__(self, hidden_size: int, num_features: int = 0):
         super().__init__()
         width = max(1, hidden_size // 2)
-        self.in_proj = nn.Linear(hidden_size + num_features, width)
+        self.in_proj = nn.Linear(hidden_size, width)
+        # features enter through their own projection: no [x ; features] copy with an odd width
+        self.feature_proj = nn.Linear(num_features, width, bias=False) if num_features else None
         self.out_proj = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C] (gradients stopped here), features [B, T, F] -> logits [B, T] (fp32)."""
-        h = F.rms_norm(x.detach().float(), (x.shape[-1],)).to(x.dtype)
-        if features is not None:
-            h = torch.cat([h, features.detach().to(h.dtype)], dim=-1)
-        return self.out_proj(F.silu(self.in_proj(h))).squeeze(-1).float()
+        h = self.in_proj(F.rms_norm(x.detach().float(), (x.shape[-1],)).to(x.dtype))
+        if self.feature_proj is not None:
+            h = h + self.feature_proj(features.detach().to(x.dtype))
+        return self.out_proj(F.silu(h)).squeeze(-1).float()
 
 
 def router_bce(logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -236,11 +238,13 @@ class RoutingControl:
         tokens [B, T], and statistics: detached means plus the causal router's BCE against the
         top-k mask ("router_bce", with gradient); none when decoding."""
         b, t = scores.shape
-        k = capacity_k(capacity, t)
-        topk_idx = self.select(scores, k)
-        topk_mask = indices_to_mask(topk_idx, t)
-        causal_mask = causal_logits > 0
+        mode = self.routing_mode()
+        decoding = t == 1 and not self.training  # one new token per row: no statistics, no top-k needed
         fixed = None if self._fixed_masks is None else self._fixed_masks.get(layer_idx)
+        causal_mask = causal_logits > 0
+        if not decoding or mode == "topk":
+            topk_idx = self.select(scores, capacity_k(capacity, t))
+            topk_mask = indices_to_mask(topk_idx, t)
         if fixed is not None:
             if fixed.shape != (b, t):
                 raise ConfigError(f"fixed routing mask of layer {layer_idx} has shape {tuple(fixed.shape)}, "
@@ -248,7 +252,7 @@ class RoutingControl:
             mask = fixed.to(device=x.device, dtype=torch.bool)
             count = uniform_count(mask) if cache is None else None
             idx = None if count is None else self.select(torch.where(mask, scores, float("-inf")), count)
-        elif self.routing_mode() == "topk":
+        elif mode == "topk":
             mask, idx = topk_mask, (topk_idx if cache is None else None)
         else:
             mask, idx = causal_mask, None
@@ -262,7 +266,7 @@ class RoutingControl:
             x = masked_routed_update(block, x, mask, weight, cos, sin, cache)
 
         self.last_routing_masks[layer_idx] = mask.detach()
-        if t == 1 and not self.training:  # decoding: nothing to report per token
+        if decoding:
             return x, mask, {}
         stats = {"router_bce": router_bce(causal_logits, topk_mask),
                  "frac": mask.float().mean().detach(),
