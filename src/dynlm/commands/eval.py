@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype (auto: bfloat16 on CUDA)")
+    p.add_argument("--routing", choices=["causal", "topk"],
+                   help="routed models (mod, dtf): decide with the causal router, as generation does (default), "
+                        "or with top-k over each window; the result also reports the causal router's agreement "
+                        "with top-k")
     p.add_argument("--output", "-o", type=Path, help="also write the JSON result to this file")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(handler=run)
@@ -61,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     model = dynlm.load_pretrained(model_path, device=device)
     tokenizer = dynlm.load_tokenizer(model_path)
     seq_len = args.seq_len or info.get("seq_len")
+    if args.routing and not hasattr(model, "set_routing"):
+        raise ConfigError(f"--routing applies to routed models (mod, dtf), not '{model.architecture}'")
+    if hasattr(model, "set_routing"):
+        model.set_routing(args.routing or "causal")
 
     if args.text:
         texts = []
@@ -82,6 +90,14 @@ def run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, max_bytes=args.max_bytes, dtype=dtype, progress=args.progress)
     result = {"model": str(model_path), "data": what, "architecture": model.architecture,
               "parameters": model.num_parameters(), **result}
+    if hasattr(model, "routing_report"):
+        from dynlm.eval.evaluate import encode_documents
+
+        tokens = source[args.split].tokens if isinstance(source, dict) else encode_documents(tokenizer, source)[0]
+        report = result["routing_report"] = model.routing_report(tokens, result["seq_len"])
+        sys.stderr.write(f"routing: {report['routing']}; the causal router agrees with top-k on "
+                         f"{report['route/causal_acc']:.1%} of tokens and routes {report['route/causal_frac']:.1%} "
+                         f"of them (top-k: the capacity)\n")
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,11 @@ class DTFDynamicLayer(DecoderLayer):
         self.causal_router = CausalRouter(config.hidden_size, num_features=1)
 
 
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """|x|^2 / d over the last dimension, fp32, no gradient: [B, T, C] -> [B, T]."""
+    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).square() / x.shape[-1]
+
+
 def dtf_layer(config: DTFConfig, layer_idx: int) -> DecoderLayer:
     """Even layers decide, odd layers are routed."""
     return (DTFDecisionLayer if layer_idx % 2 == 0 else DTFDynamicLayer)(config, layer_idx)
@@ -169,38 +174,49 @@ class DTFModel(RoutedTransformerLM):
         cache = super().init_state(batch_size, device, dtype, max_length)
         return DTFState(cache.layers, cache.position)
 
+    def pair_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, state: DTFState | None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """Decision layer i and dynamic layer i + 1 on x [B, T, C] -> (x, prior loss, routing
+        statistics, surprise statistics [6] or None when decoding)."""
+        c = self.config
+        decision, dynamic = self.model.layers[i], self.model.layers[i + 1]
+        update = decision.residual(x, cos, sin, None if state is None else state.layers[i])  # U = Block(H)
+        prior_update = decision.prior(decision.prior_norm(x.detach()))  # H_prior - H
+        prior_loss = F.mse_loss(prior_update.float(), update.detach().float())
+        d_st = mean_square(update)  # [B, T]
+        d_ch = mean_square(update - prior_update)
+        history = None if state is None else state.surprise_history.get(i)
+        d_st_average, history = causal_moving_average(d_st, c.ma_window, history)
+        if state is not None:
+            state.surprise_history[i] = history
+        s_ce, s_cu, gate = dynamic.gate(d_st, d_ch, d_st_average)
+        x = x + update  # H_post
+        causal_logits = dynamic.causal_router(x, gate.unsqueeze(-1))
+        x, mask, stats = self.route(i + 1, dynamic, x, gate, gate, causal_logits, c.dtf_capacity, cos, sin,
+                                    None if state is None else state.layers[i + 1])
+        if not stats:
+            return x, prior_loss, stats, None
+        stats["entropy"] = binary_entropy(gate.detach()).mean()
+        ce_driven = (s_ce >= s_cu) & mask
+        surprise = torch.stack([d_st.mean(), d_ch.mean(), s_ce.detach().mean(), s_cu.detach().mean(),
+                                gate.detach().mean(), ce_driven.sum() / mask.sum().clamp(min=1)])
+        return x, prior_loss, stats, surprise
+
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    state: DTFState | None) -> tuple[torch.Tensor, dict[str, Any]]:
         c = self.config
-        layers = self.model.layers
         layer_stats: dict[int, dict[str, torch.Tensor]] = {}
-        prior_losses, surprise = [], []
+        prior_losses, surprises = [], []
         for i in range(0, c.num_layers, 2):
-            decision, dynamic = layers[i], layers[i + 1]
-            update = decision.residual(x, cos, sin, None if state is None else state.layers[i])  # U = Block(H)
-            prior_update = decision.prior(decision.prior_norm(x.detach()))  # H_prior - H
-            prior_losses.append(F.mse_loss(prior_update.float(), update.detach().float()))
-            d_st = update.detach().float().pow(2).mean(-1)  # [B, T]
-            d_ch = (update.detach() - prior_update.detach()).float().pow(2).mean(-1)
-            history = None if state is None else state.surprise_history.get(i)
-            d_st_average, history = causal_moving_average(d_st, c.ma_window, history)
-            if state is not None:
-                state.surprise_history[i] = history
-            s_ce, s_cu, gate = dynamic.gate(d_st, d_ch, d_st_average)
-            x = x + update  # H_post
-            causal_logits = dynamic.causal_router(x, gate.unsqueeze(-1))
-            x, mask, stats = self.route(i + 1, dynamic, x, gate, gate, causal_logits, c.dtf_capacity, cos, sin,
-                                        None if state is None else state.layers[i + 1])
+            x, prior_loss, stats, surprise = self.pair_forward(i, x, cos, sin, state)
+            prior_losses.append(prior_loss)
             if stats:
-                stats["entropy"] = binary_entropy(gate.detach()).mean()
                 layer_stats[i + 1] = stats
-                ce_driven = (s_ce >= s_cu) & mask
-                surprise.append(torch.stack([d_st.mean(), d_ch.mean(), s_ce.detach().mean(), s_cu.detach().mean(),
-                                             gate.detach().mean(), ce_driven.sum() / mask.sum().clamp(min=1)]))
+                surprises.append(surprise)
         prior_loss = torch.stack(prior_losses).mean()
         if not layer_stats:
             return x, {"aux_loss": c.lambda_prior * prior_loss}
-        means = torch.stack(surprise).mean(0)
+        means = torch.stack(surprises).mean(0)
         metrics = dict(zip(("dtf/D_st", "dtf/D_ch", "dtf/S_CE", "dtf/S_CU", "dtf/G", "dtf/ce_share"), means))
         metrics["dtf/cu_share"] = 1 - means[5]
         metrics["dtf/prior_loss"] = prior_loss.detach()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +30,7 @@ from dynlm.config import ModelConfig
 from dynlm.errors import ConfigError
 from dynlm.models.base import ModelOutput
 from dynlm.models.standard import DecoderLayer, TransformerLM
-from dynlm.nn import KVCache
+from dynlm.nn import KVCache, LayerKVCache
 from dynlm.nn.routing import CausalRouter, RoutingControl, binary_entropy, capacity_k
 from dynlm.registry import register
 
@@ -82,6 +83,30 @@ class RoutedTransformerLM(RoutingControl, TransformerLM):
             flops -= 6 * block_params * (1 - fraction)
             flops -= 12 * c.num_heads * c.head_dim * seq_len * (1 - fraction * fraction)
         return flops
+
+    @torch.no_grad()
+    def routing_report(self, tokens: Any, seq_len: int, max_windows: int = 32, batch_size: int = 8) -> dict[str, Any]:
+        """Routing metrics of eval-mode forwards (current routing mode) over up to `max_windows`
+        consecutive windows of `seq_len` tokens of the 1-D token array `tokens`, averaged: the
+        causal router's agreement with top-k ("route/causal_acc"), the share of tokens each
+        sends through a routed layer, the router BCE (and DTF's surprise statistics)."""
+        tokens = torch.as_tensor(np.asarray(tokens[: max_windows * seq_len], dtype=np.int64))
+        seq_len = min(seq_len, len(tokens))
+        if seq_len < 2:
+            return {}
+        windows = tokens[: len(tokens) // seq_len * seq_len].view(-1, seq_len).to(self.lm_head.weight.device)
+        was_training = self.training
+        self.eval()
+        mode = self.routing_mode()
+        try:
+            sums: dict[str, float] = {}
+            for batch in windows.split(batch_size):
+                for key, value in self(batch).metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(batch)
+        finally:
+            self.train(was_training)
+        report: dict[str, Any] = {"routing": mode, "windows": len(windows), "seq_len": seq_len}
+        return report | {key: value / len(windows) for key, value in sums.items()}
 
     @staticmethod
     def routing_extras(layer_stats: dict[int, dict[str, torch.Tensor]], router_loss_weight: float,
@@ -167,20 +192,25 @@ class ModModel(RoutedTransformerLM):
     def routed_capacities(self) -> dict[int, float]:
         return {i: self.config.mod_capacity for i in self.config.routed_layer_indices()}
 
+    def layer_forward(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache: LayerKVCache | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer i on x [B, T, C]; for a routed layer also its routing statistics."""
+        c, layer = self.config, self.model.layers[i]
+        if not layer.routed:
+            return layer(x, cos, sin, cache), {}
+        logits = layer.router(x).squeeze(-1).float()  # [B, T]
+        weight = torch.sigmoid(logits) if c.router_scale == "sigmoid" else logits
+        causal_logits = logits if layer.causal_router is None else layer.causal_router(x)
+        x, _, stats = self.route(i, layer, x, logits, weight, causal_logits, c.mod_capacity, cos, sin, cache)
+        if stats:
+            stats["entropy"] = binary_entropy(torch.sigmoid(logits.detach())).mean()
+        return x, stats
+
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    state: KVCache | None) -> tuple[torch.Tensor, dict[str, Any]]:
-        c = self.config
         layer_stats: dict[int, dict[str, torch.Tensor]] = {}
-        for i, layer in enumerate(self.model.layers):
-            cache = None if state is None else state.layers[i]
-            if not layer.routed:
-                x = layer(x, cos, sin, cache)
-                continue
-            logits = layer.router(x).squeeze(-1).float()  # [B, T]
-            weight = torch.sigmoid(logits) if c.router_scale == "sigmoid" else logits
-            causal_logits = logits if layer.causal_router is None else layer.causal_router(x)
-            x, _, stats = self.route(i, layer, x, logits, weight, causal_logits, c.mod_capacity, cos, sin, cache)
+        for i in range(self.config.num_layers):
+            x, stats = self.layer_forward(i, x, cos, sin, None if state is None else state.layers[i])
             if stats:
-                stats["entropy"] = binary_entropy(torch.sigmoid(logits.detach())).mean()
                 layer_stats[i] = stats
-        return x, self.routing_extras(layer_stats, c.mod_aux_loss_weight)
+        return x, self.routing_extras(layer_stats, self.config.mod_aux_loss_weight)

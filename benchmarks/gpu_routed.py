@@ -1,0 +1,460 @@
+"""Standard vs MoD vs DTF at equal size (the gpt2-small-like body), measured in one run.
+
+    # once, on a machine that can fetch the corpus: the byte-tokenized Shakespeare shards
+    python benchmarks/gpu_routed.py --export-data runs/bench-data/shakespeare-bytes
+    # on the GPU (bf16 autocast); writes gpu_routed.json and gpu_routed.md into OUT_DIR
+    python benchmarks/gpu_routed.py OUT_DIR --data runs/bench-data/shakespeare-bytes
+    # CPU check of the whole script in a minute, tiny shapes
+    python benchmarks/gpu_routed.py /tmp/smoke --smoke
+
+Sections:
+1. speed at the preset's 50k vocabulary, seq 1024: training step (forward + backward + AdamW),
+   forward-only in both routing modes, FLOPs per token as credited to each model, and a per-layer
+   fwd+bwd time breakdown that says where the time goes;
+2. training on Shakespeare (bytes, so the body dominates): the same batches for every model,
+   equal steps and equal training FLOPs; validation bits per byte with top-k routing and with the
+   causal router (what generation runs), the causal router's agreement with top-k;
+3. decoding (greedy, KV cache, causal router) with the trained models: tokens/s at batch 1 and 8,
+   and the share of decoded tokens each routed layer processed.
+
+Variants: standard; mod (every other layer routed, capacity 0.125); dtf (decision/dynamic pairs,
+capacity 0.125); mod-all (every layer but the first routed: the pattern that trades the most
+quality for speed). Each variant is the same body; routed ones add a router / prior per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dynlm
+from dynlm.config import model_config
+from dynlm.data.shards import load_prepared, prepare_corpus, shard_directory
+from dynlm.data.tokenizers import load_tokenizer
+from dynlm.eval.evaluate import evaluate
+from dynlm.models.base import causal_lm_loss
+from dynlm.train.optim import parameter_groups
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s by datasheet (H100 SXM)
+
+
+def variants(num_layers: int) -> dict[str, dict[str, Any]]:
+    """Model-config overrides of each variant, on top of the body preset."""
+    return {
+        "standard": {"type": "standard"},
+        "mod": {"type": "mod", "mod_capacity": 0.125},
+        "dtf": {"type": "dtf", "dtf_capacity": 0.125},
+        "mod-all": {"type": "mod", "mod_capacity": 0.125, "routed_layers": list(range(1, num_layers))},
+    }
+
+
+class Bench:
+    def __init__(self, device: torch.device, smoke: bool):
+        self.device = device
+        self.smoke = smoke
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.warmup, self.iters = (1, 2) if smoke else (3, 10)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], Any], warmup: int | None = None, iters: int | None = None) -> float:
+        """Median wall time of fn in ms (CUDA events on the GPU)."""
+        for _ in range(self.warmup if warmup is None else warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(self.iters if iters is None else iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def build(self, body: dict[str, Any], variant: dict[str, Any], seed: int = 0) -> dynlm.models.base.DynModel:
+        torch.manual_seed(seed)
+        return dynlm.build_model({**body, **variant}).to(self.device)
+
+    def optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW(parameter_groups(model, 0.1), lr=lr, betas=(0.9, 0.95),
+                                 fused=self.device.type == "cuda" or None)
+
+    def train_step(self, model, optimizer, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            out = model(x, labels=x)
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. speed
+
+
+def layer_units(model, h: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """Pieces of one training forward whose fwd+bwd is timed alone: {name: fn -> tensors to
+    backpropagate}. Per decoder layer kind, plus the LM head with the loss."""
+    t = h.shape[1]
+    cos, sin = model.rotary(torch.arange(t, device=h.device), h.dtype)
+    units: dict[str, Callable[[], list[torch.Tensor]]] = {}
+    arch = model.architecture
+    units["dense layer"] = lambda: [model.model.layers[0](h, cos, sin)]
+    if arch == "mod":
+        routed = model.routed_layers[0]
+
+        def routed_layer() -> list[torch.Tensor]:
+            y, stats = model.layer_forward(routed, h, cos, sin, None)
+            return [y, stats["router_bce"]]
+
+        units["routed layer (router + top-k + block on k + scatter)"] = routed_layer
+    elif arch == "dtf":
+        units["dense layer"] = lambda: [model.model.layers[0](h, cos, sin)]
+
+        def pair() -> list[torch.Tensor]:
+            y, prior_loss, stats, _ = model.pair_forward(0, h, cos, sin, None)
+            return [y, prior_loss, stats["router_bce"]]
+
+        units["decision + dynamic pair (dense + prior + gate + routed)"] = pair
+    units["final norm + LM head + loss"] = lambda: [causal_lm_loss(model.lm_head(model.model.norm(h)), labels)]
+    return units
+
+
+def time_units(bench: Bench, model, batch: int, seq: int) -> dict[str, float]:
+    c = model.config
+    h = torch.randn(batch, seq, c.hidden_size, device=bench.device, requires_grad=True)
+    labels = torch.randint(0, c.vocab_size, (batch, seq), device=bench.device)
+    model.train()
+    out: dict[str, float] = {}
+    for name, unit in layer_units(model, h, labels).items():
+        def fwd_bwd(unit=unit) -> None:
+            with bench.autocast():
+                tensors = unit()
+            grads = [torch.randn_like(t) if t.dim() else torch.ones_like(t) for t in tensors]
+            torch.autograd.backward(tensors, grads)
+            model.zero_grad(set_to_none=True)
+            h.grad = None
+
+        out[name] = bench.time_ms(fwd_bwd)
+    return out
+
+
+def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool) -> dict[str, Any]:
+    batch, seq = x.shape
+    runner = torch.compile(model) if compile_model else model
+    optimizer = bench.optimizer(model, 1e-4)
+    model.train()
+    step_ms = bench.time_ms(lambda: bench.train_step(runner, optimizer, x))
+    with torch.no_grad():
+        model.train()  # top-k routing, static shapes: the compute a routed model saves
+        fwd_topk_ms = bench.time_ms(lambda: runner(x))
+        model.eval()  # causal router over a whole sequence: every token computed, skipped ones masked
+        fwd_causal_ms = bench.time_ms(lambda: runner(x))
+    flops = model.flops_per_token(seq)
+    fractions = model.processed_fractions(seq) if hasattr(model, "processed_fractions") else None
+    return {
+        "parameters": model.num_parameters(),
+        "flops_per_token": flops,
+        "processed_fractions": fractions or [1.0] * model.config.num_layers,
+        "train_step_ms": step_ms,
+        "train_tokens_per_s": batch * seq / step_ms * 1e3,
+        "model_tflops_per_s": flops * batch * seq / step_ms / 1e9,
+        "mfu_vs_h100_datasheet": flops * batch * seq / (step_ms / 1e3) / H100_BF16_PEAK,
+        "forward_topk_ms": fwd_topk_ms,
+        "forward_causal_ms": fwd_causal_ms,
+        "layer_fwd_bwd_ms": time_units(bench, model, batch, seq),
+    }
+
+
+def speed_section(bench: Bench, body: dict[str, Any], names: list[str], batch: int, seq: int,
+                  compile_model: bool) -> dict[str, Any]:
+    x = torch.randint(0, body["vocab_size"], (batch, seq), device=bench.device)
+    results: dict[str, Any] = {}
+    for name in names:
+        results[name] = measure_speed(bench, bench.build(body, variants(body["num_layers"])[name]), x, compile_model)
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+    dense = results["standard"]
+    for r in results.values():
+        r["step_time_ratio"] = r["train_step_ms"] / dense["train_step_ms"]
+        r["flops_ratio"] = r["flops_per_token"] / dense["flops_per_token"]
+        r["forward_topk_ratio"] = r["forward_topk_ms"] / dense["forward_topk_ms"]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. training comparison
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 * lr + 0.9 * lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_starts(num_tokens: int, seq: int, batch: int, steps: int, seed: int) -> np.ndarray:
+    """The same random windows for every model: [steps, batch] start offsets."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_tokens - seq, size=(steps, batch))
+
+
+def train_model(bench: Bench, model, train_tokens: torch.Tensor, starts: np.ndarray, seq: int, lr: float,
+                log_every: int) -> dict[str, Any]:
+    optimizer = bench.optimizer(model, lr)
+    offsets = torch.arange(seq, device=bench.device)
+    steps = len(starts)
+    curve, metrics = [], {}
+    model.train()
+    bench.sync()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 10))
+        index = torch.as_tensor(starts[step], device=bench.device)[:, None] + offsets  # [B, T]
+        x = train_tokens[index]
+        with bench.autocast():
+            out = model(x, labels=x)
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            curve.append([step, out.loss.item()])
+            metrics = out.metrics
+    bench.sync()
+    seconds = time.perf_counter() - t0
+    return {"steps": steps, "seconds": seconds, "ms_per_step": seconds / steps * 1e3,
+            "tokens_per_s": steps * starts.shape[1] * seq / seconds, "loss_curve": curve,
+            "final_train_metrics": metrics}
+
+
+def evaluate_modes(bench: Bench, model, tokenizer, splits, seq: int, max_bytes: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    modes = ["causal", "topk"] if hasattr(model, "set_routing") else ["dense"]
+    for mode in modes:
+        if mode != "dense":
+            model.set_routing(mode)
+        result = evaluate(model, tokenizer, splits, split="val", seq_len=seq, max_bytes=max_bytes,
+                          dtype=bench.dtype, batch_size=8)
+        out[f"val_bpb_{mode}"] = result["bpb"]
+    if hasattr(model, "set_routing"):
+        model.set_routing("auto")
+        # causal-router agreement with top-k and the share it routes, on validation windows
+        val = torch.as_tensor(np.asarray(splits["val"].tokens[: 8 * seq], dtype=np.int64), device=bench.device)
+        model.eval()
+        with torch.no_grad(), bench.autocast():
+            metrics = model(val.view(8, seq)).metrics
+        out["causal_router_agreement"] = metrics["route/causal_acc"]
+        out["causal_router_fraction_routed"] = metrics["route/causal_frac"]
+    out["val_bytes"] = result["num_bytes"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. decoding
+
+
+@torch.no_grad()
+def decode_speed(bench: Bench, model, prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """Greedy decoding with the KV cache (prefill, then one token per step), as the generation
+    engine runs it; tokens/s counts generated tokens over the whole call."""
+    model.eval()
+    b = prompt.shape[0]
+    last_state = {}
+
+    def run() -> None:
+        state = model.init_state(b, device=bench.device, max_length=prompt.shape[1] + new_tokens)
+        with bench.autocast():
+            logits = model(prompt, state=state).logits
+            for _ in range(new_tokens):
+                logits = model(logits[:, -1:].argmax(-1), state=state).logits
+        last_state["state"] = state
+
+    ms = bench.time_ms(run, warmup=1, iters=1 if bench.smoke else 3)
+    out: dict[str, Any] = {"batch": b, "new_tokens": new_tokens, "ms": ms, "tokens_per_s": b * new_tokens / ms * 1e3}
+    if hasattr(model, "routed_layers"):
+        state, start = last_state["state"], prompt.shape[1]
+        end = start + new_tokens
+        out["decode_fraction_routed"] = statistics.mean(
+            float(state.layers[i].valid[:, start:end].float().mean()) for i in model.routed_layers)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def export_data(target: Path) -> None:
+    tokenizer = load_tokenizer("bytes")
+    prepare_corpus("shakespeare", tokenizer)
+    from dynlm.data.corpora import get_corpus
+
+    source = shard_directory(get_corpus("shakespeare"), tokenizer)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    print(f"copied {source} -> {target}")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, cfg = report["environment"], report["config"]
+    lines = [f"# Standard vs MoD vs DTF: {env['device']}", "",
+             f"torch {env['torch']}, {cfg['dtype']}, body `{cfg['body_preset']}`, seq {cfg['seq']}, "
+             f"batch {cfg['batch']}, compile={cfg['compile']}. Produced by `benchmarks/gpu_routed.py`.", "",
+             f"## Speed (vocab {cfg['speed_vocab']})", "",
+             "| model | params | FLOPs/token | FLOPs ratio | train step ms | ratio | tokens/s | MFU | "
+             "fwd top-k ms | fwd causal ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["speed"].items():
+        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['flops_per_token'] / 1e9:.3f} G | "
+                     f"{r['flops_ratio']:.3f} | {r['train_step_ms']:.1f} | {r['step_time_ratio']:.3f} | "
+                     f"{r['train_tokens_per_s']:,.0f} | {r['mfu_vs_h100_datasheet']:.1%} | "
+                     f"{r['forward_topk_ms']:.1f} | {r['forward_causal_ms']:.1f} |")
+    lines += ["", "Per-piece forward+backward time (ms), the same batch:", ""]
+    for name, r in report["speed"].items():
+        pieces = ", ".join(f"{k}: {v:.2f}" for k, v in r["layer_fwd_bwd_ms"].items())
+        lines.append(f"- **{name}**: {pieces}")
+    train = report.get("training")
+    if train:
+        lines += ["", f"## Training on Shakespeare (bytes, vocab {cfg['train_vocab']}): same batches", "",
+                  "| run | steps | train FLOPs (rel.) | ms/step | val bpb causal | val bpb top-k | "
+                  "causal agreement | causal routes |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in train.items():
+            agree = r.get("causal_router_agreement")
+            frac = r.get("causal_router_fraction_routed")
+            causal = r.get("val_bpb_causal", r.get("val_bpb_dense"))
+            topk = r.get("val_bpb_topk", r.get("val_bpb_dense"))
+            lines.append(f"| {name} | {r['steps']} | {r['train_flops_relative']:.2f} | {r['ms_per_step']:.1f} | "
+                         f"{causal:.4f} | {topk:.4f} | {'' if agree is None else f'{agree:.3f}'} | "
+                         f"{'' if frac is None else f'{frac:.3f}'} |")
+    decode = report.get("decode")
+    if decode:
+        lines += ["", "## Decoding (greedy, KV cache, causal router; trained equal-steps models)", "",
+                  "| model | batch | tokens/s | share of decoded tokens a routed layer processed |",
+                  "|---|---|---|---|"]
+        for name, runs in decode.items():
+            for r in runs:
+                frac = r.get("decode_fraction_routed")
+                lines.append(f"| {name} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                             f"{'' if frac is None else f'{frac:.3f}'} |")
+    lines += ["", f"Total wall time: {report['seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU in about a minute")
+    parser.add_argument("--data", type=Path, help="byte-tokenized Shakespeare shard folder (--export-data)")
+    parser.add_argument("--export-data", type=Path, help="write the shard folder here and exit")
+    parser.add_argument("--variants", default="standard,mod,dtf,mod-all")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=400, help="training steps of the dense model")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models for the speed section")
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args(argv)
+    if args.export_data:
+        export_data(args.export_data)
+        return 0
+    if args.out_dir is None:
+        parser.error("give OUT_DIR")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("no CUDA device: use --smoke for a CPU check")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    bench = Bench(device, args.smoke)
+    names = args.variants.split(",")
+    if "standard" not in names:
+        parser.error("--variants must include standard (the baseline of every ratio)")
+    start = time.perf_counter()
+
+    body = model_config("gpt2-small-like").to_dict()
+    batch, seq, steps = args.batch, args.seq, args.steps
+    if args.smoke:
+        body.update(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
+                    head_dim=16, intermediate_size=128)
+        batch, seq, steps = 2, 128, 6
+    body["max_position_embeddings"] = max(body["max_position_embeddings"], seq)
+    report: dict[str, Any] = {
+        "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+                        "torch": torch.__version__, "python": sys.version.split()[0]},
+        "config": {"body_preset": "gpt2-small-like" + (" (smoke: shrunk)" if args.smoke else ""), "seq": seq,
+                   "batch": batch, "dtype": str(bench.dtype).replace("torch.", ""), "compile": args.compile,
+                   "speed_vocab": body["vocab_size"], "dense_steps": steps, "lr": args.lr, "variants": names},
+    }
+    def save() -> None:  # after every section, so a later failure keeps what was measured
+        report["seconds"] = time.perf_counter() - start
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "gpu_routed.json").write_text(json.dumps(report, indent=2))
+        (args.out_dir / "gpu_routed.md").write_text(markdown(report))
+
+    print("speed ...", flush=True)
+    report["speed"] = speed_section(bench, body, names, batch, seq, args.compile)
+    save()
+
+    if not args.skip_training:
+        tokenizer = load_tokenizer("bytes")
+        splits = load_prepared(args.data) if args.data else prepare_corpus("shakespeare", tokenizer)
+        train_tokens = torch.as_tensor(np.asarray(splits["train"].tokens, dtype=np.int64), device=device)
+        train_body = {**body, "vocab_size": tokenizer.vocab_size}
+        report["config"]["train_vocab"] = tokenizer.vocab_size
+        flops = {name: bench.build(train_body, variants(body["num_layers"])[name]).flops_per_token(seq)
+                 for name in names}
+        runs = [(name, steps) for name in names]
+        runs += [(f"{name} (equal FLOPs)", round(steps * flops["standard"] / flops[name]))
+                 for name in names if name != "standard"]
+        training: dict[str, Any] = {}
+        decode: dict[str, Any] = {}
+        max_bytes = 4096 if args.smoke else 131072
+        prompt_source = np.asarray(splits["val"].tokens[:64], dtype=np.int64)
+        for run_name, run_steps in runs:
+            name = run_name.split(" ")[0]
+            print(f"train {run_name}: {run_steps} steps ...", flush=True)
+            model = bench.build(train_body, variants(body["num_layers"])[name], seed=1)
+            starts = batch_starts(len(train_tokens), seq, batch, run_steps, seed=1234)
+            result = train_model(bench, model, train_tokens, starts, seq, args.lr, max(1, run_steps // 20))
+            result["train_flops_relative"] = run_steps * flops[name] / (steps * flops["standard"])
+            result.update(evaluate_modes(bench, model, tokenizer, splits, seq, max_bytes))
+            training[run_name] = result
+            report["training"] = training
+            if run_name == name:  # decode with the equal-steps models
+                decode[name] = [decode_speed(bench, model, torch.as_tensor(prompt_source, device=device)
+                                             .repeat(b, 1), 8 if args.smoke else 256) for b in (1, 8)]
+                report["decode"] = decode
+            save()
+            del model
+
+    save()
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
