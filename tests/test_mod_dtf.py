@@ -411,3 +411,34 @@ def test_dense_weights_copy_into_routed_models(arch: type) -> None:
     assert fresh and all(any(s in k for s in ("router", "prior", "gate.")) for k in fresh)
     missing, unexpected = routed.load_state_dict(dense_state, strict=False)
     assert set(missing) == fresh and not unexpected
+
+
+def test_seed_config_names_map_into_the_model_section() -> None:
+    """`dynlm train scratch model.type=dtf model.size=0.5B dtf_capacity=0.125 beta_ce_init=-0.5`."""
+    from dynlm.config import model_config
+    from dynlm.train.config import load_run_config
+
+    run = load_run_config("scratch", ["model.type=dtf", "model.size=0.5B", "dtf_capacity=0.25", "beta_ce_init=-0.4"])
+    config = model_config(run.model)
+    assert (config.type, config.num_layers, config.hidden_size) == ("dtf", 24, 896)
+    assert (config.dtf_capacity, config.beta_ce_init, config.beta_cu_init) == (0.25, -0.4, -0.8)
+    run = load_run_config("quick", ["model.type=mod", "mod_capacity=0.5", "mod_aux_loss_weight=0.1"])
+    config = model_config(run.model)
+    assert (config.mod_capacity, config.mod_aux_loss_weight, config.hidden_size) == (0.5, 0.1, 256)
+    with pytest.raises(ConfigError):
+        load_run_config("quick", ["model.size=7B"])
+    with pytest.raises(ConfigError):  # an alias and its target both given
+        load_run_config("quick", ["model.type=mod", "mod_capacity=0.5", "model.mod_capacity=0.25"])
+
+
+def test_transfer_from_a_dense_model_copies_every_shared_tensor() -> None:
+    from dynlm.checkpoint import model_state_dict
+    from dynlm.train.run import transfer_weights
+
+    dense = dynlm.build_model({**SMALL, "type": "standard"})
+    for variant in ("mod-predictor", "dtf-seed"):
+        routed = make(variant)
+        report = transfer_weights(dense, routed)
+        assert not report["skipped"] and sorted(report["copied"]) == sorted(model_state_dict(dense))
+        assert report["fresh"] and all(any(s in k for s in ("router", "prior", "gate.")) for k in report["fresh"])
+        assert torch.equal(routed.model.layers[1].mlp.up_proj.weight, dense.model.layers[1].mlp.up_proj.weight)

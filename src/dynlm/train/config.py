@@ -40,7 +40,25 @@ from dynlm.errors import ConfigError, did_you_mean
 # {"model.size": lambda size: {"model.preset": SIZE_PRESETS[size]}}.
 # Aliases are applied before validation, after preset + file + overrides are merged; an alias and
 # its target both given is an error. Architecture modules register theirs with `register_alias`.
-CONFIG_ALIASES: dict[str, str | Callable[[Any], dict[str, Any]]] = {}
+# The seed's model sizes: the Qwen2.5 body of that size, whatever model.type says.
+MODEL_SIZES = {"0.5B": "qwen2.5-0.5b", "1.5B": "qwen2.5-1.5b", "3B": "qwen2.5-3b"}
+
+
+def _model_size(size: Any) -> dict[str, Any]:
+    sizes = {name.lower(): preset for name, preset in MODEL_SIZES.items()}
+    if str(size).lower() not in sizes:
+        raise ConfigError(f"unknown model.size '{size}'", "valid: " + ", ".join(MODEL_SIZES))
+    return {"model.preset": sizes[str(size).lower()]}
+
+
+CONFIG_ALIASES: dict[str, str | Callable[[Any], dict[str, Any]]] = {
+    "mod_capacity": "model.mod_capacity",
+    "mod_aux_loss_weight": "model.mod_aux_loss_weight",
+    "dtf_capacity": "model.dtf_capacity",
+    "beta_ce_init": "model.beta_ce_init",
+    "beta_cu_init": "model.beta_cu_init",
+    "model.size": _model_size,
+}
 
 
 def register_alias(key: str, target: str | Callable[[Any], dict[str, Any]]) -> None:
