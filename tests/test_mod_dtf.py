@@ -4,6 +4,7 @@ sequence, selected tokens kept in score order)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -193,7 +194,7 @@ def test_dtf_gate_rises_with_static_surprise_and_falls_with_change_surprise() ->
         g = gate(d_st, d_ch, average)[2]
         assert torch.all(g[0, 1:] > g[0, :-1])  # more static surprise -> higher G
         g_ch = gate(torch.full_like(d_st, 0.5), torch.tensor([[0.1, 0.5, 2.0]]), average)[2]
-        assert torch.all(g_ch[0, 1:] < g_ch[0, :-1])  # the prior predicted it worse -> ... lower G (CE)
+        assert torch.all(g_ch[0, 1:] < g_ch[0, :-1])  # a worse prior (larger D_ch) -> lower CE -> lower G
 
 
 def test_dtf_selects_the_most_surprising_token() -> None:
@@ -442,3 +443,43 @@ def test_transfer_from_a_dense_model_copies_every_shared_tensor() -> None:
         assert not report["skipped"] and sorted(report["copied"]) == sorted(model_state_dict(dense))
         assert report["fresh"] and all(any(s in k for s in ("router", "prior", "gate.")) for k in report["fresh"])
         assert torch.equal(routed.model.layers[1].mlp.up_proj.weight, dense.model.layers[1].mlp.up_proj.weight)
+
+
+@pytest.mark.slow
+def test_trainable_in_all_four_modes(tmp_path: Path) -> None:
+    """quick, scratch, transfer (from a dense run) and custom (a YAML file), shrunk to seconds."""
+    from dynlm.train.run import train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + "To be, or not to be, that is the question. " * 40)
+    small = [f"data.corpus={corpus}", "data.seq_len=32", "train.batch_size=4", "train.max_steps=3",
+             "train.warmup_steps=1", "train.eval_every=0", "train.eval_bytes=256", "train.final_eval=[]",
+             "train.sample_prompt=null", "train.plot=false", "train.progress=false", f"out_dir={tmp_path / 'runs'}"]
+    tiny = ["model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=64"]
+
+    def trained(run_dir: Path, arch: str) -> dynlm.models.base.DynModel:
+        model = dynlm.load_pretrained(run_dir / "last")
+        assert model.architecture == arch
+        return model
+
+    quick = train("quick", ["model.type=mod", "data.tokenizer=bytes", *tiny, *small])
+    trained(quick, "mod")
+    scratch = train("scratch", ["model.type=dtf", "model.preset=standard-tiny", "dtf_capacity=0.25",
+                                "data.tokenizer=bytes", *tiny, *small])
+    assert trained(scratch, "dtf").config.dtf_capacity == 0.25
+    dense = train("quick", ["model.type=standard", "data.tokenizer=bytes", "run_name=dense", *tiny, *small])
+    transfer = train("transfer", [f"init_from={dense / 'last'}", "model.type=mod", *small])
+    report = json.loads((transfer / "transfer.json").read_text())
+    assert report["copied"] and not report["skipped"]
+    assert report["fresh"] == ["model.layers.1.router.weight", "model.layers.3.router.weight"]
+    model = trained(transfer, "mod")
+    source = dynlm.load_pretrained(dense / "last")
+    # three AdamW steps at lr <= 1e-4 move a weight by < 1e-3; fresh weights would differ by ~0.03
+    drift = (model.model.layers[0].mlp.up_proj.weight - source.model.layers[0].mlp.up_proj.weight).abs().max()
+    assert drift < 1e-3
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("preset: quick\nmodel:\n  type: dtf\n  dtf_init: paper\ndata:\n  tokenizer: bytes\n")
+    model = trained(train(custom, [*tiny, *small]), "dtf")
+    assert model.config.beta_ce_init == -0.3
