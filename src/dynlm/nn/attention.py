@@ -6,10 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dynlm.nn.cache import LayerKVCache
 from dynlm.nn.linear import project
 from dynlm.nn.rope import apply_rotary
+
+# With a KV cache the key length changes at every step. cuDNN's attention builds a new execution
+# plan for each new shape (measured: ~4.5 ms of host time per call on an H100, 70 ms per decoded
+# token for a 12-layer model), so cached attention uses the flash / memory-efficient kernels.
+CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention_mask(
@@ -81,7 +87,11 @@ class Attention(nn.Module):
                 mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
         is_causal = cache is None and mask is None
         gqa = self.num_kv_heads != self.num_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        else:
+            with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         if valid is not None:
             # a query with no valid key at all gets NaN from softmax; its output is 0 instead
             y = torch.where(mask.any(-1, keepdim=True), y, torch.zeros((), dtype=y.dtype, device=y.device))
