@@ -483,3 +483,16 @@ def test_trainable_in_all_four_modes(tmp_path: Path) -> None:
     custom.write_text("preset: quick\nmodel:\n  type: dtf\n  dtf_init: paper\ndata:\n  tokenizer: bytes\n")
     model = trained(train(custom, [*tiny, *small]), "dtf")
     assert model.config.beta_ce_init == -0.3
+
+
+@pytest.mark.parametrize(("vocab", "expected"), [(50304, {"mod": 0.674, "dtf": 0.696, "mod-all": 0.402}),
+                                                 (258, {"mod": 0.553, "dtf": 0.583, "mod-all": 0.181})])
+def test_flops_ratios_quoted_in_the_docs(vocab: int, expected: dict[str, float]) -> None:
+    """docs/mod_dtf.md quotes these (gpt2-small-like body, seq 1024)."""
+    variants = {"mod": {"type": "mod"}, "dtf": {"type": "dtf"},
+                "mod-all": {"type": "mod", "routed_layers": list(range(1, 12))}}
+    with torch.device("meta"):  # shapes only: no memory, no time
+        dense = dynlm.build_model("gpt2-small-like", vocab_size=vocab).flops_per_token(1024)
+        for name, overrides in variants.items():
+            model = dynlm.build_model({"preset": "gpt2-small-like", "vocab_size": vocab, **overrides})
+            assert model.flops_per_token(1024) / dense == pytest.approx(expected[name], abs=5e-4), name
