@@ -315,3 +315,15 @@ def test_transfer_copies_matching_tensors(tmp_path, corpus_dir):
     assert all(name.startswith("model.layers.2.") for name in report["fresh"]) and report["fresh"]
     assert report["skipped"] == []
     assert load_run_config(target / "config.yaml").model["num_layers"] == 3
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from dynlm.train.config import DataConfig
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for cls in (DataConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`{f.name}`" in doc, f"docs/training.md does not describe {cls.__name__}.{f.name}"

@@ -135,13 +135,16 @@ def load_run_tokenizer(run: RunConfig, corpus: Any = None) -> Tokenizer:
     return load_tokenizer(spec)
 
 
-def prepare_run_data(run: RunConfig, show_progress: bool = True) -> tuple[Tokenizer, dict[str, Any]]:
-    """(tokenizer, {"train", "val", "test": TokenSplit}) of a run, tokenized once and cached."""
+def prepare_run_data(run: RunConfig, show_progress: bool = True,
+                     tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, dict[str, Any]]:
+    """(tokenizer, {"train", "val", "test": TokenSplit}) of a run, tokenized once and cached.
+    A resumed run passes the tokenizer saved in its checkpoint."""
     from dynlm.data.corpora import get_corpus
     from dynlm.data.shards import prepare_corpus
 
     corpus = get_corpus(run.data.corpus)
-    tokenizer = load_run_tokenizer(run, corpus)
+    if tokenizer is None:
+        tokenizer = load_run_tokenizer(run, corpus)
     shards = cache_root(run) / "shards" if run.data.cache_dir else None
     splits = prepare_corpus(corpus, tokenizer, cache_dir=shards, splits=tuple(run.data.splits),
                             show_progress=show_progress)

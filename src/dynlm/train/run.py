@@ -99,12 +99,18 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
             run_dir.mkdir(parents=True, exist_ok=True)
         _say(ctx, f"run folder: {run_dir}")
 
-        # data: rank 0 fetches, trains the tokenizer and tokenizes; the others then read the cache
+        # data: rank 0 fetches, trains the tokenizer and tokenizes; the others then read the cache.
+        # A resumed run uses the tokenizer saved with its checkpoint.
+        saved_tokenizer = None
+        if checkpoint is not None:
+            from dynlm.data.tokenizers import load_tokenizer
+
+            saved_tokenizer = load_tokenizer(checkpoint)
         if ctx.is_main:
-            tokenizer, splits = prepare_run_data(run)
+            tokenizer, splits = prepare_run_data(run, tokenizer=saved_tokenizer)
         distributed.barrier(ctx)
         if not ctx.is_main:
-            tokenizer, splits = prepare_run_data(run, show_progress=False)
+            tokenizer, splits = prepare_run_data(run, show_progress=False, tokenizer=saved_tokenizer)
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx)

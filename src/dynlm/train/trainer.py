@@ -220,6 +220,9 @@ class Trainer:
 
         train_tokens = splits["train"].tokens
         self.train_tokens = train_tokens
+        # training loss -> bits per byte, estimated with the split's mean bytes per token (the
+        # validation figure is exact)
+        self.train_bytes_per_token = splits["train"].num_bytes / max(1, len(train_tokens))
         self.sampler = SequenceSampler(len(train_tokens), self.seq_len, self.cfg.batch_size, self.cfg.seed)
         val_texts = text_spans(splits["val"].texts(), self.cfg.eval_bytes)
         self.val_documents = encode_documents(tokenizer, val_texts)
@@ -296,7 +299,7 @@ class Trainer:
         cfg = self.cfg
         self._emit("start", {"step": self.step})
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=not (self.ctx.is_main and cfg.progress))
+                   disable=not (self.ctx.is_main and cfg.progress), mininterval=0.1 if sys.stderr.isatty() else 5.0)
         self._t_start = time.perf_counter()
         t_log, tokens_at_log = time.perf_counter(), self.tokens_seen
         postfix: dict[str, str] = {}
@@ -319,6 +322,8 @@ class Trainer:
                     record = self._log(now - t_log, self.tokens_seen - tokens_at_log)
                     t_log, tokens_at_log = now, self.tokens_seen
                     postfix["loss"] = "nan" if record["loss"] is None else f"{record['loss']:.3f}"
+                    if record["loss"] is not None:
+                        postfix["bpb"] = f"{record['train_bpb']:.3f}"
                     postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
                     bar.set_postfix(postfix, refresh=False)
                 paused_at = time.perf_counter()
@@ -390,6 +395,8 @@ class Trainer:
             "tokens": self.tokens_seen, "tokens_per_s": tokens / max(seconds, 1e-9),
             "epoch": self.sampler.epoch, "skipped_steps": self.skipped_steps, "elapsed_s": self.elapsed,
         }
+        if loss is not None:
+            record["train_bpb"] = loss / (math.log(2) * self.train_bytes_per_token)
         if aux is not None:
             record["aux_loss"] = aux
         if last is not None:
