@@ -178,6 +178,11 @@ def test_hand_edit_rehash_and_annotate(tmp_path):
     with pytest.raises(CheckpointError, match="sha256 mismatch.*rehash"):
         dynlm.load_pretrained(tmp_path / "code")
     assert rehash(tmp_path / "code") == ["model.norm.weight"]
+    rehashed = path.read_text().splitlines()
+    changed = {j for tag, _, _, j1, j2 in difflib.SequenceMatcher(None, text.splitlines(), rehashed).get_opcodes()
+               if tag != "equal" for j in range(j1, j2)}
+    value_lines = [rehashed[j] for j in changed if re.fullmatch(r"\s+(-?[\d.e+-]+, )*-?[\d.e+-]+,", rehashed[j])]
+    assert len(value_lines) == 1 and "7.5" in value_lines[0]  # the edit is one line of the diff
     loaded = dynlm.load_pretrained(tmp_path / "code")
     assert loaded.model.norm.weight[0].item() == 7.5
     assert torch.equal(loaded.model.norm.weight[1:], model.model.norm.weight[1:])

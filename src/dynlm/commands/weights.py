@@ -97,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = cmds.add_parser("analyze", help="measured weight (and activation) statistics: JSON, Markdown, plots")
     c.add_argument("code", help="any checkpoint dynlm loads")
     c.add_argument("--text", type=Path, help="sample text file: adds activation sparsity and attention entropy")
+    c.add_argument("--corpus", help="or sample the text from a corpus split (name, file, folder or glob)")
+    c.add_argument("--split", default="val", choices=["train", "val", "test"], help="with --corpus (default: val)")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--rank-cap", type=int, default=1024, help="effective rank of matrices with min side <= this")
     c.add_argument("--max-tokens", type=int, default=4096)
@@ -106,7 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = cmds.add_parser("find-neurons", help="MLP neurons that fire selectively on a concept's examples")
     c.add_argument("code", help="any checkpoint dynlm loads")
-    c.add_argument("--examples", type=Path, required=True, help="text file, one example per line")
+    c.add_argument("--examples", type=Path, help="text file, one example per line")
+    c.add_argument("--example", action="append", default=[], help="an example text (repeatable)")
     c.add_argument("--background", help="text file or corpus name (e.g. shakespeare)")
     c.add_argument("--concept", help="the concept string; its occurrences in the examples are the concept tokens")
     c.add_argument("--top", type=int, default=20)
@@ -149,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-o", "--out", type=Path, required=True)
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--keep-run", type=Path, help="keep the training run folder here")
-    c.add_argument("overrides", nargs="*", help="trainer overrides, e.g. train.lr=1e-4 data.seq_len=128")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer override (repeatable), e.g. --set train.lr=1e-4 --set data.seq_len=128")
     c.set_defaults(handler=_specialize)
 
 
@@ -307,7 +311,13 @@ def _read_text(path: Path, what: str) -> str:
 def _analyze(args: argparse.Namespace) -> int:
     from dynlm.weights.analysis import analyze, write_report
 
+    if args.text and args.corpus:
+        raise ConfigError("give --text or --corpus, not both")
     texts = [_read_text(args.text, "--text")] if args.text else None
+    if args.corpus:
+        from dynlm.data.corpora import split_corpus
+
+        texts = [text for _, text in split_corpus(args.corpus)[args.split]]
     report = analyze(args.code, texts=texts, rank_cap=args.rank_cap, seq_len=args.seq_len, max_tokens=args.max_tokens)
     files = write_report(report, args.out, plots=not args.no_plots)
     for line in report["findings"]:
@@ -335,7 +345,11 @@ def _find_neurons(args: argparse.Namespace) -> int:
     import dynlm
     from dynlm.weights.neurons import find_neurons_for, to_markdown, write_result
 
-    examples = [line for line in _read_text(args.examples, "--examples").splitlines() if line.strip()]
+    examples = list(args.example)
+    if args.examples:
+        examples += [line for line in _read_text(args.examples, "--examples").splitlines() if line.strip()]
+    if not examples:
+        raise ConfigError("no concept examples", "give --examples FILE (one per line) or --example TEXT")
     background = _background_texts(args.background, 8 * args.background_tokens) if args.background else None
     tokenizer = dynlm.load_tokenizer(args.code)
     result = find_neurons_for(args.code, tokenizer, examples, background, concept=args.concept, top=args.top,

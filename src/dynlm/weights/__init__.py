@@ -26,6 +26,7 @@ _EXPORTS = {
     "specialize": "lineage",
     "share_cells": "lineage",
     "lineage_of": "lineage",
+    "CodeFormSaver": "lineage",
     "Experiment": "experiment",
     "analyze": "analysis",
     "find_neurons_for": "neurons",

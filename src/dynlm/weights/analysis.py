@@ -112,6 +112,8 @@ def encode_texts(tokenizer: Any, texts: Iterable[str], seq_len: int, max_tokens:
     sequences, total = [], 0
     prefix = [tokenizer.separator_id] if getattr(tokenizer, "prepend_separator", False) else []
     for text in texts:
+        if total >= max_tokens:
+            break
         ids = prefix + tokenizer.encode(text)
         for start in range(0, len(ids), seq_len):
             chunk = ids[start: start + seq_len]

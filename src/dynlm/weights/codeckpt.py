@@ -10,6 +10,7 @@ checkpoints into torch models (whole, or only some cells).
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from dynlm.checkpoint import (
     atomic_directory,
     is_dynlm_checkpoint,
     load_state_into,
+    model_state_dict,
+    save_checkpoint,
     write_safetensors,
 )
 from dynlm.errors import CheckpointError, DynlmError
@@ -52,8 +55,7 @@ from dynlm.weights.store import (
     load_vocab_tokenizer,
     model_header,
     now,
-    read_safetensors_header,
-    read_safetensors_tensor,
+    read_safetensors_arrays,
     rewrite_weights_file,
     weights_sha256,
     write_folder,
@@ -66,7 +68,6 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": 
                  "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
                  "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
-_SKIPPED_DIRS = ("trainer",)  # optimizer and data state: part of a training run, not of the model
 
 
 def to_numpy(tensor: torch.Tensor) -> Tensor:
@@ -103,29 +104,39 @@ def read_checkpoint_dir(directory: Path) -> tuple[dict[str, Tensor], dict[str, b
     """Tensors (storage arrays) and JSON files of a dynlm checkpoint directory."""
     files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.suffix == ".json"}
     if INDEX_NAME in files:
-        weight_map = json.loads(files[INDEX_NAME])["weight_map"]
-        shards = {directory / f: [k for k, v in weight_map.items() if v == f]
-                  for f in dict.fromkeys(weight_map.values())}
+        shards = [directory / f for f in dict.fromkeys(json.loads(files[INDEX_NAME])["weight_map"].values())]
+    elif (directory / WEIGHTS_NAME).is_file():
+        shards = [directory / WEIGHTS_NAME]
     else:
-        header, _ = read_safetensors_header(directory / WEIGHTS_NAME) if (directory / WEIGHTS_NAME).is_file() \
-            else (None, 0)
-        if header is None:
-            raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
-        shards = {directory / WEIGHTS_NAME: [k for k in header if k != "__metadata__"]}
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
     tensors: dict[str, Tensor] = {}
-    for file, names in shards.items():
-        for name in names:
-            tensors[name] = read_safetensors_tensor(file, name)
+    for file in shards:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (named in {INDEX_NAME})")
+        tensors.update(read_safetensors_arrays(file))
     return {n: tensors[n] for n in tensor_order(list(tensors))}, files
 
 
 def _clean_event(event: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An event as plain literals (paths and numpy numbers become str / float)."""
+    """An event as plain literals: paths become strings, numpy numbers Python numbers, and
+    non-finite floats their names ("nan", "inf"), which a literal cannot hold."""
     if event is None:
         return None
     if not isinstance(event, dict) or not isinstance(event.get("event"), str):
         raise CheckpointError(f"a history event is a dict with an 'event' name, got {event!r}")
-    return json.loads(json.dumps(event, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    return clean(event)
 
 
 @dataclass
@@ -150,9 +161,13 @@ class Source:
 def read_source(source: DynModel | str | Path, tokenizer: Any = None) -> Source:
     """A model object, a dynlm checkpoint, a code checkpoint, or anything `load_pretrained` reads."""
     if not isinstance(source, (str, Path)):
+        # config.json and the tokenizer files exactly as save_checkpoint writes them (no weights);
+        # the tensors straight from the model, sharing its memory
         with tempfile.TemporaryDirectory(prefix="dynlm-export-") as tmp:
-            source.save_pretrained(tmp, tokenizer=tokenizer)
-            tensors, files = read_checkpoint_dir(Path(tmp))  # read into memory: the folder goes away
+            save_checkpoint(source, tmp, tokenizer=tokenizer, state_dict={})
+            files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.suffix == ".json"}
+        state = model_state_dict(source)
+        tensors = {n: to_numpy(state[n]) for n in tensor_order(list(state))}
         return Source(tensors, files, type(source).__name__)
     path = Path(source)
     if not path.exists():

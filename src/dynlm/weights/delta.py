@@ -386,8 +386,8 @@ def apply_delta(base: Any, delta: str | Path | Delta, out_dir: str | Path, mode:
     if source.code is not None or mode is not None:
         previous = source.code
         parents = [*(previous.model_info.get("parents", []) if previous else []),
-                   {"relation": "delta", "base_weights_sha256": delta.header["base_weights_sha256"],
-                    "delta": str(delta.path)}]
+                   {"relation": "delta", "path": source.label,
+                    "base_weights_sha256": delta.header["base_weights_sha256"], "delta": str(delta.path)}]
         write_mode = mode or (previous.model_info.get("mode", "inline") if previous else "inline")
         return write_code_form(out_dir, tensors, source.files, write_mode, event, previous, source.label,
                                parents=parents)

@@ -244,8 +244,10 @@ def tensor_stats(arr: np.ndarray, dtype: str) -> dict[str, Any]:
     low, high = math.inf, -math.inf
     for start in range(0, flat.size, 1 << 20):
         values = flat[start: start + (1 << 20)]
+        # floats of 32 bits or less: float32 with numpy's pairwise sums (accurate far beyond the
+        # 4 digits shown); integers and float64 in float64
         values = as_float(values, dtype) if info.kind == "float" else values.astype(np.float64)
-        chunk_sum = float(values.sum(dtype=np.float64))
+        chunk_sum = float(values.sum())
         if not math.isfinite(chunk_sum):  # only then pay for masking out inf / nan
             values = values[np.isfinite(values)]
             chunk_sum = float(values.sum(dtype=np.float64))
@@ -253,7 +255,7 @@ def tensor_stats(arr: np.ndarray, dtype: str) -> dict[str, Any]:
             continue
         count += values.size
         total += chunk_sum
-        squares += float(np.square(values).sum(dtype=np.float64))  # pairwise sum: accurate
+        squares += float(np.square(values).sum())
         nonzero += int(np.count_nonzero(values))
         low, high = min(low, float(values.min())), max(high, float(values.max()))
     nonfinite = flat.size - count
@@ -295,19 +297,19 @@ def b85encode(data: bytes | memoryview | np.ndarray) -> np.ndarray:
     if pad:
         raw = np.concatenate([raw, np.zeros(pad, np.uint8)])
     words = raw.view(">u4")
-    out = np.empty((words.size, 5), np.uint8)
+    out = np.empty(words.size * 5, np.uint8)
     for start in range(0, words.size, _CHUNK):
-        w = words[start:start + _CHUNK].astype(np.uint32)
-        o = out[start:start + _CHUNK]
+        m = min(_CHUNK, words.size - start)
+        w = words[start:start + m].astype(np.uint32)
         high = w // np.uint32(7225)  # w = high * 7225 + low; high < 85^3
         low = w - high * np.uint32(7225)  # digits 3, 4
         top = high // np.uint32(7225)  # digit 0
         mid = high - top * np.uint32(7225)  # digits 1, 2
-        o[:, 0] = _B85_TABLE[top]
-        o[:, 1:3] = _B85_PAIRS[mid].view(np.uint8).reshape(-1, 2)
-        o[:, 3:5] = _B85_PAIRS[low].view(np.uint8).reshape(-1, 2)
-    flat = out.reshape(-1)
-    return flat[: flat.size - pad] if pad else flat
+        base = start * 5
+        out[base: base + 5 * m: 5] = _B85_TABLE[top]
+        np.ndarray((m,), "<u2", out, base + 1, (5,))[:] = _B85_PAIRS[mid]  # two characters per store
+        np.ndarray((m,), "<u2", out, base + 3, (5,))[:] = _B85_PAIRS[low]
+    return out[: out.size - pad] if pad else out
 
 
 def _b85_text(text: str | bytes | memoryview | np.ndarray) -> np.ndarray:
@@ -372,47 +374,65 @@ def b85decode(text: str | bytes | memoryview | np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Inline payloads: byte planes + zlib + base85
 
-_SAMPLE = 1 << 16
+_SAMPLE = 1 << 14
 
 
-def _deflate(plane: bytes | memoryview, huffman_only: bool) -> bytes:
+def _deflate(plane: bytes | memoryview, huffman_only: bool, level: int = 6) -> bytes:
     # Huffman-only coding is 3-20x faster than LZ77 matching and as good on exponent planes
     # (i.i.d.-looking bytes); LZ77 wins on runs (zeros, repeated rows).
     strategy = zlib.Z_HUFFMAN_ONLY if huffman_only else zlib.Z_DEFAULT_STRATEGY
-    c = zlib.compressobj(6, zlib.DEFLATED, 15, 9, strategy)
+    c = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     return c.compress(plane) + c.flush()
 
 
-def _compress_plane(plane: np.ndarray) -> tuple[str, bytes | np.ndarray]:
-    """("zlib", compressed) or ("raw", plane), whichever is smaller. Large planes pick the
-    strategy on a sample first, so noise planes cost one sample compression only."""
-    view = memoryview(plane)
-    if plane.size > 4 * _SAMPLE:
-        sample = view[: _SAMPLE]
-        huff, lz = len(_deflate(sample, True)), len(_deflate(sample, False))
-        if min(huff, lz) > 0.98 * _SAMPLE:
-            return "raw", plane
-        packed = _deflate(view, huff <= lz)
-    else:
-        packed = min(_deflate(view, True), _deflate(view, False), key=len)
-    return ("zlib", packed) if len(packed) < plane.size else ("raw", plane)
+def _plane_method(plane: np.ndarray) -> str:
+    """"raw", "huffman" or "lz77" for a (possibly strided) byte plane, judged on a 16 KB sample
+    (LZ77 tried at its fastest level): noise planes, the low mantissa bytes, cost little."""
+    sample = memoryview(np.ascontiguousarray(plane[:_SAMPLE]))
+    huffman, lz77 = len(_deflate(sample, True)), len(_deflate(sample, False, level=1))
+    if min(huffman, lz77) > 0.98 * len(sample):
+        return "raw"
+    return "huffman" if huffman <= lz77 else "lz77"
 
 
 def encode_inline(arr: np.ndarray) -> Inline:
-    """A storage array -> Inline payload (its `b85` a uint8 array of base85 characters)."""
+    """A storage array -> Inline payload (its `b85` a uint8 array of base85 characters). Each
+    byte plane is written straight into one buffer: raw, or deflated block by block."""
     arr = contiguous(arr)
     itemsize = arr.dtype.itemsize
     raw = arr.reshape(-1).view(np.uint8).reshape(-1, itemsize)
-    split = np.empty((itemsize, raw.shape[0]), np.uint8)
-    for start in range(0, raw.shape[0], 1 << 16):  # transposed in cache-sized blocks
-        split[:, start: start + (1 << 16)] = raw[start: start + (1 << 16)].T
-    planes, chunks = [], []
+    n = raw.shape[0]
+    stored = np.empty(n * itemsize, np.uint8)
+    offset, planes = 0, []
     for i in range(itemsize):
-        method, data = _compress_plane(split[i])
-        planes.append((method, len(data)))
-        chunks.append(np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data)
-    stored = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-    return Inline(planes=tuple(planes), b85=b85encode(stored))
+        plane = raw[:, i]  # strided view: byte i of every element
+        method = _plane_method(plane) if n else "raw"
+        size = _deflate_into(plane, stored, offset, method == "huffman") if method != "raw" else None
+        if size is None or size >= n:  # incompressible after all: store it raw
+            stored[offset: offset + n] = plane
+            planes.append(("raw", n))
+            offset += n
+        else:
+            planes.append(("zlib", size))
+            offset += size
+    return Inline(planes=tuple(planes), b85=b85encode(stored[:offset]))
+
+
+def _deflate_into(plane: np.ndarray, out: np.ndarray, offset: int, huffman_only: bool) -> int | None:
+    """Deflate a byte plane into out[offset:]; None when it does not fit in the plane's own size."""
+    strategy = zlib.Z_HUFFMAN_ONLY if huffman_only else zlib.Z_DEFAULT_STRATEGY
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 15, 9, strategy)
+    limit, written = plane.shape[0], 0
+    for start in range(0, plane.shape[0] + 1, 1 << 18):
+        block = np.ascontiguousarray(plane[start: start + (1 << 18)])
+        data = compressor.compress(memoryview(block)) if block.size else b""
+        if start + (1 << 18) > plane.shape[0]:
+            data += compressor.flush()
+        if written + len(data) >= limit:
+            return None
+        out[offset + written: offset + written + len(data)] = np.frombuffer(data, np.uint8)
+        written += len(data)
+    return written
 
 
 def decode_inline(payload: Inline, numel: int, dtype: str) -> np.ndarray:
@@ -665,10 +685,24 @@ def _flat(value: Any) -> str | None:
 Piece = str | bytes | memoryview | np.ndarray  # text, or base85 characters written as they are
 
 
+LITERAL_PER_LINE = 8
+
+
+def render_values(values: list, indent: int) -> str:
+    """A Literal's values, a fixed number per line: editing one value changes one line, so the
+    diff of a hand edit stays one line long."""
+    if len(values) <= LITERAL_PER_LINE:
+        return "[" + ", ".join(_scalar(v) for v in values) + "]"
+    pad = INDENT * (indent + 1)
+    lines = [pad + ", ".join(_scalar(v) for v in values[i: i + LITERAL_PER_LINE]) + ","
+             for i in range(0, len(values), LITERAL_PER_LINE)]
+    return "[\n" + "\n".join(lines) + f"\n{INDENT * indent}]"
+
+
 def render_payload(payload: Payload, indent: int) -> list[Piece]:
     pad = INDENT * (indent + 1)
     if isinstance(payload, Literal):
-        return [f"Literal({render(payload.values, indent)})"]
+        return [f"Literal({render_values(payload.values, indent)})"]
     if isinstance(payload, Inline):
         planes = render(tuple(tuple(p) for p in payload.planes))
         b85 = payload.b85
@@ -680,22 +714,26 @@ def render_payload(payload: Payload, indent: int) -> list[Piece]:
     raise TypeError(f"not a payload: {payload!r}")
 
 
-def render_cell(cell: Cell, indent: int = 1) -> list[Piece]:
+def render_cell(cell: Cell, indent: int = 1, compact: bool = False) -> list[Piece]:
     """A Cell call, metadata first and the payload last, so that `git diff` shows the changed
-    statistics and history above the (long) payload line."""
+    statistics and history above the (long) payload line. `compact` leaves out an empty note,
+    statistics and history (the parts of a delta)."""
     pad = INDENT * (indent + 1)
-    head = "\n".join([
+    lines = [
         "Cell(",
         f"{pad}name={_string(cell.name)},",
         f"{pad}shape={render(tuple(cell.shape))},",
         f"{pad}dtype={_string(cell.dtype)},",
         f"{pad}sha256={_scalar(cell.sha256)},",
-        f"{pad}stats={render(cell.stats, indent + 1)},",
-        f"{pad}note={_string(cell.note)},",
-        f"{pad}history={render(cell.history, indent + 1)},",
-        f"{pad}data=",
-    ])
-    return [head, *render_payload(cell.data, indent + 1), f",\n{INDENT * indent})"]
+    ]
+    if cell.stats or not compact:
+        lines.append(f"{pad}stats={render(cell.stats, indent + 1)},")
+    if cell.note or not compact:
+        lines.append(f"{pad}note={_string(cell.note)},")
+    if cell.history or not compact:
+        lines.append(f"{pad}history={render(cell.history, indent + 1)},")
+    lines.append(f"{pad}data=")
+    return ["\n".join(lines), *render_payload(cell.data, indent + 1), f",\n{INDENT * indent})"]
 
 
 def render_delta_cell(cell: DeltaCell, indent: int = 1) -> list[Piece]:
@@ -714,7 +752,7 @@ def render_delta_cell(cell: DeltaCell, indent: int = 1) -> list[Piece]:
     ])
     pieces: list[Piece] = [head]
     for part in cell.parts:
-        pieces += [INDENT * (indent + 2), *render_cell(part, indent + 2), ",\n"]
+        pieces += [INDENT * (indent + 2), *render_cell(part, indent + 2, compact=True), ",\n"]
     pieces.append(f"{pad}],\n{INDENT * indent})")
     return pieces
 

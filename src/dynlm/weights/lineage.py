@@ -44,8 +44,9 @@ def clone(source: Any, out_dir: str | Path, note: str = "", mode: str | None = N
 
 
 def lineage_of(path: str | Path) -> list[dict[str, Any]]:
-    """This checkpoint, then its parents as far as their folders exist; each entry says whether
-    the folder still holds the weights the child recorded (`verified`)."""
+    """This checkpoint, then its parents (each folder's most recent one: clone or delta base) as
+    far as their folders exist; each entry says whether the folder still holds the weights the
+    child recorded (`verified`)."""
     chain: list[dict[str, Any]] = []
     current: Path | None = Path(path)
     seen: set[Path] = set()
@@ -59,9 +60,10 @@ def lineage_of(path: str | Path) -> list[dict[str, Any]]:
                       "history": ckpt.model_info.get("history", []), "parents": ckpt.model_info.get("parents", [])})
         parents = ckpt.model_info.get("parents", [])
         current, expected = None, None
-        if parents and isinstance(parents[0], dict) and parents[0].get("path"):
-            candidate = Path(parents[0]["path"])
-            expected = parents[0].get("weights_sha256") or parents[0].get("base_weights_sha256")
+        parent = parents[-1] if parents else None  # the most recent: the one this folder was made from
+        if isinstance(parent, dict) and parent.get("path"):
+            candidate = Path(parent["path"])
+            expected = parent.get("weights_sha256") or parent.get("base_weights_sha256")
             if is_code_checkpoint(candidate):
                 current = candidate
             else:

@@ -122,17 +122,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, data_start
 
 
-def read_safetensors_tensor(path: Path, key: str) -> Tensor:
+def read_safetensors_arrays(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file as a view of a copy-on-write memory map: no copy, pages
+    are read when touched, and writing to an array never reaches the file."""
     header, data_start = read_safetensors_header(path)
-    if key not in header or key == "__metadata__":
-        raise CheckpointError(f"{path}: no tensor '{key}'")
-    entry = header[key]
-    info = SAFETENSORS_DTYPES[entry["dtype"]]
-    begin, end = entry["data_offsets"]
-    with open(path, "rb") as f:
-        f.seek(data_start + begin)
-        raw = np.fromfile(f, dtype=np.uint8, count=end - begin)
-    return raw.view(info.storage).reshape(entry["shape"]), info.name
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not entries:
+        return {}
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    out: dict[str, Tensor] = {}
+    for key, entry in entries.items():
+        info = SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        out[key] = mapped[data_start + begin: data_start + end].view(info.storage).reshape(entry["shape"]), info.name
+    return out
 
 
 def write_safetensors_numpy(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -295,6 +298,7 @@ class CodeCheckpoint:
         self._count_lock = threading.Lock()
         self._literals: dict[str, ParsedFile] = {}
         self._shared: dict[Path, CodeCheckpoint] = {}
+        self._blobs: dict[Path, dict[str, Tensor]] = {}
 
     # -- metadata -------------------------------------------------------------------------------
     def literals(self, file: str) -> ParsedFile:
@@ -374,7 +378,11 @@ class CodeCheckpoint:
             file = _inside(self.path, self.path, payload.file, "Ref", self.where(cell))
             if not file.is_file():
                 raise CheckpointError(f"{self.where(cell)}: Ref file '{payload.file}' is missing")
-            arr, dtype = read_safetensors_tensor(file, payload.key)
+            if file not in self._blobs:
+                self._blobs[file] = read_safetensors_arrays(file)
+            if payload.key not in self._blobs[file]:
+                raise CheckpointError(f"{self.where(cell)}: '{payload.file}' has no tensor '{payload.key}'")
+            arr, dtype = self._blobs[file][payload.key]
             if dtype != cell.dtype or tuple(arr.shape) != tuple(cell.shape):
                 raise CheckpointError(f"{self.where(cell)}: Ref '{payload.key}' is {dtype}{list(arr.shape)}, "
                                       f"the cell says {cell.dtype}{list(cell.shape)}")
