@@ -327,3 +327,16 @@ def test_every_config_field_is_documented():
     for cls in (DataConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/training.md does not describe {cls.__name__}.{f.name}"
+
+
+def test_code_form_saves_weights_as_code_with_history(tmp_path, corpus_dir):
+    from dynlm.weights.store import CodeCheckpoint
+
+    run_dir = train(tiny_run(tmp_path, corpus_dir, code_form="hybrid"))
+    code = run_dir / "code"
+    assert (code / "weights.py").is_file()
+    cells = CodeCheckpoint(code).cells.values()
+    events = [e for cell in cells for e in cell.history if e.get("event") == "trained"]
+    assert events and max(e["step"] for e in events) == 8
+    torch.testing.assert_close(dynlm.load_pretrained(code).state_dict()["model.norm.weight"],
+                               dynlm.load_pretrained(run_dir / "last").state_dict()["model.norm.weight"])

@@ -137,8 +137,11 @@ class TrainConfig:
     sample_prompt: str | None = ""  # text sample generated at the end ("" = from the separator); null: none
     sample_tokens: int = 200
     plot: bool = True  # loss-curve PNG at the end (needs matplotlib)
+    code_form: str | None = None  # inline | hybrid: also keep the weights as code in <run>/code (history per save)
 
     def __post_init__(self) -> None:
+        if self.code_form not in (None, "inline", "hybrid"):
+            raise ConfigError(f"bad value for 'train.code_form': '{self.code_form}'", "inline, hybrid or null")
         for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_last",
                      "max_nan_steps", "eval_bytes", "eval_batch_size"):
             if getattr(self, name) < 1:

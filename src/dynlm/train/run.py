@@ -121,6 +121,10 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
                   f"(vocab {tokenizer.vocab_size}); {len(splits['train'].tokens):,} training tokens")
         seed_everything(run.train.seed, ctx.rank)
 
+        if run.train.code_form is not None:
+            from dynlm.weights.lineage import CodeFormSaver
+
+            callbacks = [*callbacks, CodeFormSaver(run_dir / "code", mode=run.train.code_form)]
         trainer = Trainer(run, model, tokenizer, splits, run_dir, ctx, callbacks)
         if checkpoint is not None:
             trainer.resume(checkpoint)
