@@ -425,7 +425,8 @@ def test_seed_config_names_map_into_the_model_section() -> None:
     assert (config.dtf_capacity, config.beta_ce_init, config.beta_cu_init) == (0.25, -0.4, -0.8)
     run = load_run_config("quick", ["model.type=mod", "mod_capacity=0.5", "mod_aux_loss_weight=0.1"])
     config = model_config(run.model)
-    assert (config.mod_capacity, config.mod_aux_loss_weight, config.hidden_size) == (0.5, 0.1, 256)
+    quick_width = model_config("standard-quick").hidden_size  # the routed model keeps the preset's body
+    assert (config.mod_capacity, config.mod_aux_loss_weight, config.hidden_size) == (0.5, 0.1, quick_width)
     with pytest.raises(ConfigError):
         load_run_config("quick", ["model.size=7B"])
     with pytest.raises(ConfigError):  # an alias and its target both given
