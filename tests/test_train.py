@@ -340,3 +340,15 @@ def test_code_form_saves_weights_as_code_with_history(tmp_path, corpus_dir):
     assert events and max(e["step"] for e in events) == 8
     torch.testing.assert_close(dynlm.load_pretrained(code).state_dict()["model.norm.weight"],
                                dynlm.load_pretrained(run_dir / "last").state_dict()["model.norm.weight"])
+
+
+def test_train_command_errors_are_one_line(capsys):
+    from dynlm.cli import main
+
+    assert main(["train", "quick", "trian.lr=1"]) == 2
+    assert main(["train", "quick", "other.yaml"]) == 2
+    assert main(["train", "--resume", "runs/x", "quick"]) == 2
+    assert main(["train", "no_such_preset"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("dynlm: error:") for line in err)
+    assert "did you mean 'train'" in err[0] and "more than one config" in err[1] and "quick" in err[3]
