@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per variant")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps per variant (compilation included)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of the compiled variants (e.g. max-autotune-no-cudagraphs)")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batches.split(",")]
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = []
     for batch in batches:
         for compile_ in ([False] if args.no_compile else [False, True]):
-            configs.append(BenchConfig(**base, batch=batch, compile=compile_, train=True,
-                                       forward=batch == batches[0] and not compile_,
+            configs.append(BenchConfig(**base, batch=batch, compile=compile_, compile_mode=args.compile_mode,
+                                       train=True, forward=batch == batches[0] and not compile_,
                                        label=f"batch={batch} compile={'on' if compile_ else 'off'}"))
     configs.append(BenchConfig(**base, batch=1, train=False, forward=False, decode_contexts=contexts,
                                decode_tokens=8 if args.smoke else 64, label="decode"))

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode: default, max-autotune-no-cudagraphs, max-autotune, reduce-overhead")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
@@ -40,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--compare", action="append", default=[], metavar="KEY=A,B",
-                   help="variants measured in this run: compile=on,off | batch=16,32 | seq_len=.. | dtype=.. | "
+                   help="variants measured in this run: compile=on,off | compile_mode=default,max-autotune | "
+                        "batch=16,32 | seq_len=.. | dtype=.. | "
                         "model=PRESET,PRESET (repeatable; all combinations)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU when it is not in the known table")
     p.add_argument("--out", type=Path, help="write bench.json and bench.md into this folder")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = parse_overrides(args.set) if args.set else {}
     cfg = BenchConfig(model=args.preset, overrides=overrides, seq_len=args.seq_len, batch=args.batch,
-                      compile=args.compile, dtype=args.dtype, device=args.device, steps=args.steps,
+                      compile=args.compile, compile_mode=args.compile_mode, dtype=args.dtype, device=args.device,
+                      steps=args.steps,
                       warmup=args.warmup, train=not args.no_train, forward=not args.no_forward,
                       decode_contexts=args.decode_contexts, decode_tokens=args.decode_tokens,
                       decode_batch=args.decode_batch, peak_tflops=args.peak_tflops)

@@ -38,6 +38,7 @@ class BenchConfig:
     seq_len: int = 1024
     batch: int = 16
     compile: bool = False  # torch.compile the training step's forward
+    compile_mode: str = "default"  # torch.compile mode (default, max-autotune-no-cudagraphs, ...)
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16
     device: str = "auto"
     steps: int = 20  # timed steps
@@ -56,6 +57,10 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or any(c < 1 for c in self.decode_contexts):
             raise ConfigError("warmup must be >= 0 and decode contexts >= 1")
+        from dynlm.train.config import COMPILE_MODES
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"bad compile mode '{self.compile_mode}'", did_you_mean(self.compile_mode, COMPILE_MODES))
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"bad dtype '{self.dtype}'", "valid: auto, float32, bfloat16")
 
@@ -71,7 +76,7 @@ def _parse_bool(value: str) -> bool:
 
 
 COMPARABLE: dict[str, Callable[[str], Any]] = {
-    "compile": _parse_bool, "batch": int, "seq_len": int, "dtype": str, "model": str,
+    "compile": _parse_bool, "compile_mode": str, "batch": int, "seq_len": int, "dtype": str, "model": str,
 }
 
 
@@ -145,7 +150,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> d
 
     model = _build(cfg).to(device).train()
     optimizer = build_optimizer(model, TrainConfig(), device)
-    module = torch.compile(model) if cfg.compile else model
+    module = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     step = TrainStep(module, model, optimizer, device, dtype, clip=1.0)
     vocab = model.config.vocab_size
     batches = [torch.randint(0, vocab, (cfg.batch, cfg.seq_len), device=device) for _ in range(2)]
@@ -283,6 +288,12 @@ def _bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
+def _compile_text(config: dict[str, Any]) -> str:
+    if not config["compile"]:
+        return "off"
+    return "on" if config.get("compile_mode", "default") == "default" else f"on ({config['compile_mode']})"
+
+
 def to_markdown(suite: dict[str, Any]) -> str:
     lines = [f"# {suite['title']}", "",
              f"Device: **{suite['device']}**, torch {suite['torch']}, {suite['time']}.", "",
@@ -297,7 +308,7 @@ def to_markdown(suite: dict[str, Any]) -> str:
             c, t = r["config"], r["train"]
             mfu_text = "n/a" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
             lines.append(f"| {r['label'] or '-'} | {c['model']} | {t['parameters'] / 1e6:.1f}M | {c['batch']} x "
-                         f"{c['seq_len']} | {r['dtype'].removeprefix('torch.')} | {'on' if c['compile'] else 'off'} | "
+                         f"{c['seq_len']} | {r['dtype'].removeprefix('torch.')} | {_compile_text(c)} | "
                          f"{t['tokens_per_s']:,.0f} | {t.get('ratio', 1.0):.2f} | {mfu_text} | {t['step_ms']:.1f} | "
                          f"{t['flops_per_token'] / 1e6:.0f}M | {_gib(t['peak_memory_bytes'])} |")
         lines.append("")

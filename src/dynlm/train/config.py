@@ -71,6 +71,7 @@ def register_alias(key: str, target: str | Callable[[Any], dict[str, Any]]) -> N
 
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TOKENIZER_PATTERN = re.compile(r"^bpe:(\d+)$")
 
@@ -121,6 +122,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16
     compile: bool = False  # torch.compile the training forward
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | ...
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     seed: int = 1337
     # logging, evaluation, checkpoints
@@ -157,6 +159,9 @@ class TrainConfig:
                               did_you_mean(self.schedule, SCHEDULES))
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"bad value for 'train.compile_mode': '{self.compile_mode}'",
+                              did_you_mean(self.compile_mode, COMPILE_MODES))
         if self.dtype not in DTYPES:
             raise ConfigError(f"bad value for 'train.dtype': '{self.dtype}'", did_you_mean(self.dtype, DTYPES))
         if not _DEVICE_PATTERN.match(self.device):

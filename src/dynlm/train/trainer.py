@@ -214,7 +214,7 @@ class Trainer:
         self.ddp_module = wrapped if wrapped is not model else None
         # FSDP2 shards in place, so the optimizer is built after wrapping, on the sharded parameters
         self.optimizer = build_optimizer(model, self.cfg, self.device)
-        module = torch.compile(wrapped) if self.cfg.compile else wrapped
+        module = torch.compile(wrapped, mode=self.cfg.compile_mode) if self.cfg.compile else wrapped
         self.step_fn = TrainStep(module, model, self.optimizer, self.device, self.dtype, self.cfg.clip,
                                  ddp_module=self.ddp_module)
 
