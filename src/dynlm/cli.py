@@ -12,7 +12,8 @@ import sys
 
 from dynlm.errors import DynlmError
 
-COMMANDS = ["info", "corpus", "tokenizer", "convert", "generate", "train", "eval", "bench", "weights"]
+COMMANDS = ["info", "corpus", "tokenizer", "convert", "generate", "train", "eval", "bench", "weights", "export",
+            "recall", "kasgarli", "arena", "experts", "serve", "chat"]
 
 
 class _Parser(argparse.ArgumentParser):

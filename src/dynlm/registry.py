@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, tuple[type[ModelConfig], type[DynModel]]] = {}
 
 # Modules that register architectures when imported; imported lazily so `import dynlm` stays fast.
-_ARCHITECTURE_MODULES = ["dynlm.models.standard", "dynlm.models.mod", "dynlm.models.dtf"]
+_ARCHITECTURE_MODULES = ["dynlm.models.standard", "dynlm.models.mod", "dynlm.models.dtf", "dynlm.models.thl",
+                         "dynlm.models.agiformer"]
 
 
 def register(name: str, config_class: type[ModelConfig]):
