@@ -28,6 +28,14 @@ class DataError(DynlmError):
     """A corpus or tokenizer that cannot be fetched, found or read."""
 
 
+class ContextLengthError(DynlmError):
+    """A context longer than the model's positions or the allocated cache."""
+
+
+class OutputExistsError(DynlmError):
+    """An output folder that already holds files the command did not write (use --force)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """'did you mean X?' for the closest choice, or a short list of valid ones."""
     choices = sorted(set(choices))
