@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dynlm.eval.bench import BenchConfig, run_suite, to_markdown
+from dynlm.train.bench import BenchConfig, run_suite, to_markdown
 
 # nanoGPT's GPT-2 124M benchmark (compile, bf16, random tokens, seq 1024) on an H100, 989 TFLOP/s peak
 NANOGPT_H100 = {16: 448_000, 32: 475_000}

@@ -10,8 +10,8 @@ import torch
 import dynlm
 from dynlm.cli import main
 from dynlm.errors import ConfigError
-from dynlm.eval.bench import BenchConfig, expand, parse_compare
 from dynlm.eval.flops import mfu, peak_flops
+from dynlm.train.bench import BenchConfig, expand, parse_compare
 
 
 def test_mfu_formula_reproduces_nanogpt_figures():

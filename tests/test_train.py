@@ -330,9 +330,12 @@ def test_every_config_field_is_documented():
 
 
 def test_code_form_saves_weights_as_code_with_history(tmp_path, corpus_dir):
+    from dynlm.weights.lineage import CodeFormSaver
     from dynlm.weights.store import CodeCheckpoint
 
-    run_dir = train(tiny_run(tmp_path, corpus_dir, code_form="hybrid"))
+    with pytest.raises(ConfigError, match="code-form callback"):  # training does not import the weights layer
+        train(tiny_run(tmp_path / "refused", corpus_dir, code_form="hybrid"))
+    run_dir = train(tiny_run(tmp_path, corpus_dir, code_form="hybrid"), callbacks=[CodeFormSaver()])
     code = run_dir / "code"
     assert (code / "weights.py").is_file()
     cells = CodeCheckpoint(code).cells.values()

@@ -49,37 +49,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> DynModel:
     """Load a model from a dynlm checkpoint directory, a Hugging Face `Qwen2ForCausalLM` /
     `LlamaForCausalLM` directory, a `.gguf` file, or a weights-as-code directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            from dynlm.interop.gguf import load_gguf
+    from dynlm.weights.loading import load_pretrained as _load
 
-            return load_gguf(path, device=device, dtype=dtype)
-        raise CheckpointError(f"{path}: not a checkpoint", "give a checkpoint directory or a .gguf file")
-    if (path / "weights.py").is_file():
-        from dynlm.weights import load_code_checkpoint
-
-        return load_code_checkpoint(path, device=device, dtype=dtype)
-    from dynlm.checkpoint import is_dynlm_checkpoint, load_checkpoint
-
-    if is_dynlm_checkpoint(path):
-        return load_checkpoint(path, device=device, dtype=dtype)
-    if (path / "config.json").is_file():
-        from dynlm.interop.hf import load_hf_checkpoint
-
-        return load_hf_checkpoint(path, device=device, dtype=dtype)
-    raise CheckpointError(f"{path}: no config.json, weights.py or .gguf", "is this a checkpoint directory?")
+    return _load(path, device=device, dtype=dtype)
 
 
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a checkpoint directory (code form too), a `tokenizer.json`, a `.gguf` file, or "bytes"."""
-    if str(path) != "bytes" and (Path(path) / "vocab.py").is_file() and (Path(path) / "weights.py").is_file():
-        from dynlm.weights.store import load_vocab_tokenizer
-
-        return load_vocab_tokenizer(path)
-    from dynlm.data.tokenizers import load_tokenizer as _load
+    from dynlm.weights.loading import load_tokenizer as _load
 
     return _load(path)
 

@@ -2,91 +2,48 @@
 `dynlm` section naming the architecture and the format version), `model.safetensors` (sharded with
 an index when large), `tokenizer.json` and optional `generation_config.json`. No pickle.
 
-Writes are atomic: everything goes to a temporary sibling folder that is renamed into place, so
-an interrupted save leaves the previous checkpoint untouched."""
+Writes are atomic (`dynlm.fileio.atomic_directory`): everything goes to a temporary sibling
+folder that then takes the checkpoint's place, so a crash at any point of a save leaves a loadable
+checkpoint (the previous one or the new one).
+
+Every way of loading a model (this format, Hugging Face, GGUF, code form) ends in
+`finish_loading`: load the state -> re-tie shared weights -> move to the device -> cast -> eval."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from dynlm.config import model_config
 from dynlm.errors import CheckpointError
+from dynlm.fileio import atomic_directory, recover_directory
+from dynlm.models.serialization import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    hf_config_fields,
+    model_state_dict,
+    save_checkpoint,
+    write_safetensors,
+)
+from dynlm.registry import get_architecture
 
 if TYPE_CHECKING:
     from dynlm.models.base import DynModel
 
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# the writer lives with the models (`DynModel.save_pretrained` uses it); this module reads
+__all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "INDEX_NAME", "DEFAULT_MAX_SHARD_BYTES", "hf_config_fields",
+           "model_state_dict", "write_safetensors", "save_checkpoint", "atomic_directory", "recover_directory",
+           "read_safetensors", "read_config", "is_dynlm_checkpoint", "load_state_into", "finish_loading",
+           "load_checkpoint", "model_state_dict_shapes"]
 
-
-def hf_config_fields(config: Any) -> dict[str, Any]:
-    """The Hugging Face names of the transformer fields (Qwen2 / Llama style)."""
-    return {
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rope_theta": config.rope_theta,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-    }
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied duplicates (e.g. a tied LM head) removed: safetensors refuses shared
-    storage, and the loader re-ties them from the config."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """`model.safetensors`, or shards plus a Hugging Face index when over `max_shard_bytes`."""
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total <= max_shard_bytes:
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if size + n > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                    "weight_map": weight_map}, indent=2))
-
+M = TypeVar("M", bound=torch.nn.Module)
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded) safetensors checkpoint; errors name the file."""
@@ -111,65 +68,6 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
     return tensors
-
-
-def atomic_directory(directory: Path):
-    """Context manager yielding a temporary folder that replaces `directory` on success."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _ctx():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            yield tmp
-            old = None
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    return _ctx()
-
-
-def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = None,
-                    generation_config: dict[str, Any] | None = None,
-                    extra_files: dict[str, bytes] | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    state_dict: dict[str, torch.Tensor] | None = None,
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Write `model` as a checkpoint directory, atomically. `state_dict` replaces the model's own
-    tensors (e.g. a full state dict gathered from a sharded model); `write_extra(tmp_dir)` may add
-    files inside the same atomic write (the trainer's `trainer/` folder)."""
-    from dynlm.registry import get_architecture
-
-    directory = Path(directory)
-    config = model.config
-    with atomic_directory(directory) as tmp:
-        write_safetensors(state_dict if state_dict is not None else model_state_dict(model), tmp, max_shard_bytes)
-        class_name = get_architecture(model.architecture)[1].__name__  # not a wrapper's (FSDP) class name
-        cfg = {"architectures": [class_name], "model_type": config.family,
-               **hf_config_fields(config),
-               "dynlm": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
-                         "config": config.to_dict()}}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if generation_config:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        if write_extra is not None:
-            write_extra(tmp)
-    return directory
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -218,10 +116,8 @@ def model_state_dict_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> DynModel:
     """Build the model named in `config.json` and load its weights."""
-    from dynlm.config import model_config
-    from dynlm.registry import get_architecture
-
     directory = Path(directory)
+    recover_directory(directory)  # a save interrupted between its two renames (fileio fallback)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory (does not exist)")
     cfg = read_config(directory)
@@ -235,10 +131,18 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                               f"(this dynlm reads version {FORMAT_VERSION})")
     config = model_config(section["config"])
     _, model_class = get_architecture(config.type)
-    tensors = read_safetensors(directory)
-    model = model_class(config)
-    load_state_into(model, tensors, str(directory / WEIGHTS_NAME))
-    if config.tie_word_embeddings and hasattr(model, "lm_head"):
+    return finish_loading(model_class(config), read_safetensors(directory), str(directory / WEIGHTS_NAME),
+                          device, dtype)
+
+
+def finish_loading(model: M, tensors: dict[str, torch.Tensor], source: str,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> M:
+    """The tail of every loader: copy `tensors` into the freshly built `model` (errors name
+    `source`), re-tie a tied LM head to the embedding, move to `device`, cast floating tensors to
+    `dtype` when given, and switch to eval mode."""
+    with torch.no_grad():
+        load_state_into(model, tensors, source)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(device)
     if dtype is not None:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dynlm.errors import ConfigError, did_you_mean
+from dynlm.registry import get_architecture
 
 T = TypeVar("T")
 
@@ -161,8 +162,6 @@ def model_preset(name: str) -> dict[str, Any]:
 def model_config(spec: str | dict[str, Any] | ModelConfig, **overrides: Any) -> ModelConfig:
     """A validated model config from a preset name, a dict or a config, plus field overrides.
     The `type` field picks the architecture's config class."""
-    from dynlm.registry import get_architecture
-
     if isinstance(spec, ModelConfig):
         data = spec.to_dict()
     elif isinstance(spec, str):

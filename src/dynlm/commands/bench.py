@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dynlm.config import parse_overrides
-    from dynlm.eval.bench import BenchConfig, expand, parse_compare, run_suite, to_markdown, write_suite
+    from dynlm.train.bench import BenchConfig, expand, parse_compare, run_suite, to_markdown, write_suite
 
     overrides = parse_overrides(args.set) if args.set else {}
     cfg = BenchConfig(model=args.preset, overrides=overrides, seq_len=args.seq_len, batch=args.batch,

@@ -51,8 +51,8 @@ def _training_info(model_path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import dynlm
+    from dynlm.distributed import resolve_device, resolve_dtype
     from dynlm.eval import evaluate
-    from dynlm.train.distributed import resolve_device, resolve_dtype
 
     for name in ("seq_len", "stride", "max_bytes", "batch_size"):
         value = getattr(args, name)

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dynlm.train import train
+    from dynlm.weights.lineage import CodeFormSaver
+    from dynlm.weights.loading import load_pretrained
 
     configs = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]
@@ -36,5 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and configs:
         raise ConfigError(f"--resume continues a run with its saved config; '{configs[0]}' cannot be combined with it",
                           "overrides such as train.max_steps=N still apply")
-    train(configs[0] if configs else (None if args.resume else "quick"), overrides, resume=args.resume)
+    # init_from in any format, and train.code_form: both live in the layers above training
+    train(configs[0] if configs else (None if args.resume else "quick"), overrides, resume=args.resume,
+          callbacks=[CodeFormSaver()], load_model=load_pretrained)
     return 0

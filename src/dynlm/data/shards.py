@@ -47,6 +47,7 @@ from dynlm.data.corpora import (
 from dynlm.data.corpora import cache_dir as default_cache_dir
 from dynlm.data.tokenizers import Tokenizer
 from dynlm.errors import DataError
+from dynlm.fileio import atomic_directory
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -167,8 +168,6 @@ def _load_splits(directory: Path, manifest: dict) -> dict[str, TokenSplit]:
 def _build(directory: Path, corpus: Corpus, documents: list[Document], tokenizer: Tokenizer,
            fractions: tuple[float, float, float], expected: dict, show_progress: bool) -> None:
     from tqdm import tqdm
-
-    from dynlm.checkpoint import atomic_directory  # the one atomic folder swap (imports torch, hence here)
 
     parts = split_documents(documents, fractions, corpus.split_weight)
     dtype = dtype_for_vocab(tokenizer.vocab_size)

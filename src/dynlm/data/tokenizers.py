@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dynlm.errors import ConfigError, DataError
+from dynlm.data.gguf_vocab import GGUFMetadata, build_gguf_tokenizer, open_gguf
+from dynlm.errors import CheckpointError, ConfigError, DataError
+from dynlm.fileio import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -95,7 +95,7 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, content in self.serialize().items():
-            _atomic_write_text(directory / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_text(directory / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         return directory
 
     def fingerprint(self) -> str:
@@ -324,7 +324,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory", 'give "bytes", a tokenizer directory or a tokenizer.json')
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf_tokenizer(path)
+        return tokenizer_from_gguf(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"{path}: no {TOKENIZER_FILE} in this directory", "is it a checkpoint or tokenizer directory?")
@@ -396,17 +396,6 @@ def _render_chatml(messages: list[dict[str, str]], add_generation_prompt: bool) 
 
 # --- file helpers --------------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -449,11 +438,34 @@ def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     return None
 
 
-def _load_gguf_tokenizer(path: Path) -> Tokenizer:
-    """The tokenizer embedded in a GGUF file's metadata (built by `dynlm.interop.gguf`)."""
+# --- GGUF vocabularies (built by dynlm.data.gguf_vocab) ---------------------------------------
+
+def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGUF file") -> HFTokenizer:
+    """The tokenizer described by GGUF metadata (vocabulary, merges, token types, bos/eos/pad,
+    end-of-turn tokens, chat template) as a dynlm `HFTokenizer`."""
     try:
-        from dynlm.interop.gguf import tokenizer_from_gguf
-    except ImportError as e:  # the gguf package is an optional dependency
-        raise DataError(f"{path}: reading .gguf files needs the gguf package ({e.name} is missing)",
-                        "pip install 'dynlm[hf]'") from None
-    return tokenizer_from_gguf(path)
+        backend = build_gguf_tokenizer(metadata, source)
+        meta = GGUFMetadata(metadata, source)
+        tokens = meta.require("tokenizer.ggml.tokens")
+    except CheckpointError as e:
+        raise DataError(e.message, e.hint) from None
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return None if index is None or not 0 <= index < len(tokens) else tokens[index]
+
+    return HFTokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
+                       chat_template=meta.get("tokenizer.chat_template"),
+                       extra_eos_tokens=[t for t in (token("eot"), token("eom")) if t is not None],
+                       prepend_separator=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def tokenizer_from_gguf(path: str | Path) -> HFTokenizer:
+    """The tokenizer stored in a GGUF file, as a dynlm `HFTokenizer` (see
+    `tokenizer_from_gguf_metadata`). `dynlm.load_tokenizer("x.gguf")` gives the same."""
+    path = Path(path)
+    try:
+        reader = open_gguf(path)
+    except CheckpointError as e:
+        raise DataError(e.message, e.hint) from None
+    return tokenizer_from_gguf_metadata(reader.fields, str(path))

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynlm.data.corpora import SPLIT_NAMES, get_corpus
+from dynlm.data.shards import prepare_corpus
+from dynlm.distributed import all_reduce_sum, autocast
 from dynlm.errors import ConfigError, DataError
 from dynlm.models.base import causal_lm_loss
 
@@ -92,8 +95,6 @@ def score_documents(model: torch.nn.Module, documents: Sequence[np.ndarray], seq
 
     With a distributed context every rank scores its share of the batches and the totals are
     summed; ranks run the same number of forwards (sharded models need every rank in each)."""
-    from dynlm.train.distributed import autocast
-
     device = _model_device(model)
     windows = sliding_windows([len(d) for d in documents], seq_len, stride)
     batches = _batches(windows, batch_size)
@@ -125,7 +126,6 @@ def score_documents(model: torch.nn.Module, documents: Sequence[np.ndarray], seq
     total = torch.stack(per_batch).double().cpu().sum() if per_batch else torch.zeros((), dtype=torch.float64)
     num_targets = sum(w.end - w.first_target for b in mine for w in b)
     if world > 1:
-        from dynlm.train.distributed import all_reduce_sum
 
         totals = torch.tensor([float(total), float(num_targets)], dtype=torch.float64, device=device)
         if device.type == "mps":  # no float64 there
@@ -246,8 +246,6 @@ def _token_split(source: Any, tokenizer: Any, split: str) -> Any:
         if split not in source:
             raise ConfigError(f"no split '{split}'", f"valid: {', '.join(sorted(source))}")
         return source[split]
-    from dynlm.data.corpora import SPLIT_NAMES, get_corpus
-    from dynlm.data.shards import prepare_corpus
 
     if split not in SPLIT_NAMES:
         raise ConfigError(f"unknown split '{split}'", f"valid: {', '.join(SPLIT_NAMES)}")

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from dynlm.checkpoint import is_dynlm_checkpoint, load_checkpoint, save_checkpoint
+from dynlm.data.tokenizers import load_tokenizer
 from dynlm.errors import CheckpointError, ConfigError
 from dynlm.interop.gguf import (
     fetch_smollm2,
@@ -37,21 +39,24 @@ NAMED_SOURCES: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": fetch_s
 
 
 def _read_source(src: Path) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer or None, ids that end generation) of any checkpoint dynlm reads. A GGUF
-    file is parsed once for all three."""
-    import dynlm
-    from dynlm.checkpoint import read_config
-
+    """(model, tokenizer or None, ids that end generation) of a dynlm or Hugging Face checkpoint
+    directory or a GGUF file (parsed once for all three). Code-form folders belong to the layer
+    above (`dynlm weights import` turns one into a dynlm checkpoint)."""
     if src.is_file() and src.suffix == ".gguf":
         reader = open_gguf(src)
         model = model_from_gguf_reader(reader, str(src))
         tokenizer = tokenizer_from_gguf_metadata(reader.fields, str(src))
         named = gguf_eos_ids(reader.fields)
-    else:
-        model = dynlm.load_pretrained(src)
-        tokenizer = dynlm.load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
-        foreign = (src / "config.json").is_file() and "dynlm" not in read_config(src)
+    elif src.is_dir() and (src / "config.json").is_file():
+        foreign = not is_dynlm_checkpoint(src)
+        model = load_hf_checkpoint(src) if foreign else load_checkpoint(src)
+        tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
         named = read_generation_eos_ids(src) if foreign else []
+    elif (src / "weights.py").is_file():
+        raise CheckpointError(f"{src}: a weights-as-code folder",
+                              f"write it as a dynlm checkpoint first: dynlm weights import {src} OUT/")
+    else:
+        raise CheckpointError(f"{src}: no config.json or .gguf", "is this a checkpoint directory?")
     eos_ids = eos_token_ids(named, getattr(tokenizer, "eos_ids", None), model.config.eos_token_id)
     return model, tokenizer, eos_ids
 
@@ -66,8 +71,6 @@ def convert(src: str | Path, dst: str | Path, to: str = "dynlm", dtype: str | to
     `to="hf"`: the same sources -> a Hugging Face directory that `transformers` loads.
     `dtype`: "fp32" | "bf16" | "fp16" (default: fp32). The destination is written atomically; an
     existing one is only replaced with `overwrite`."""
-    from dynlm.checkpoint import save_checkpoint
-
     log = log or (lambda message: None)
     src, dst = Path(src), Path(dst)
     if to not in ("dynlm", "hf"):

@@ -16,23 +16,28 @@ to Hugging Face's, and undo the one reshuffle llama.cpp makes:
 from __future__ import annotations
 
 import re
-import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from dynlm.checkpoint import load_state_into
+from dynlm.checkpoint import finish_loading
 from dynlm.data.corpora import PackageFile, cache_dir, extract_members, fetch_package_file, sha256_file
+from dynlm.data.gguf_vocab import GGUFMetadata, build_gguf_tokenizer, gguf_eos_ids, open_gguf
+from dynlm.data.tokenizers import tokenizer_from_gguf, tokenizer_from_gguf_metadata
 from dynlm.errors import CheckpointError, DataError
+from dynlm.interop.hf import build_standard_model
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
-    from dynlm.data.tokenizers import HFTokenizer
     from dynlm.models.standard import StandardModel
+
+# the vocabulary readers live in the data layer; importers of this module find them here too
+__all__ = ["GGUFMetadata", "build_gguf_tokenizer", "gguf_eos_ids", "open_gguf", "tokenizer_from_gguf",
+           "tokenizer_from_gguf_metadata", "gguf_config", "load_gguf", "model_from_gguf_reader", "fetch_smollm2",
+           "hf_tensor_name", "unpermute_qk", "dequantize_tensor"]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -54,10 +59,6 @@ _LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-
-# llama.cpp token types (gguf.TokenType)
-_CONTROL, _USER_DEFINED = 3, 4
-
 
 def hf_tensor_name(gguf_name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None when unknown
@@ -86,48 +87,9 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 # Reading
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """A `gguf.GGUFReader` for `path`; unreadable or truncated files are a CheckpointError."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise CheckpointError("reading .gguf files needs the 'gguf' package",
-                              "pip install 'dynlm[hf]' or pip install gguf") from None
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-class _Metadata:
-    """Typed access to GGUF key/value metadata (a reader's fields, read lazily, or a plain dict of
-    values), with errors naming the file and key."""
-
-    def __init__(self, values: Mapping[str, Any], source: str):
-        self.values = values
-        self.source = source
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.values
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.values.get(key)
-        if value is None:
-            return default
-        return value.contents() if hasattr(value, "contents") else value  # a gguf.ReaderField
-
-    def require(self, key: str) -> Any:
-        if key not in self.values:
-            raise CheckpointError(f"{self.source}: metadata key '{key}' is missing")
-        return self.get(key)
-
-
 def gguf_config(reader: GGUFReader, source: str = "model.gguf") -> dict[str, Any]:
     """Our StandardModel config (as a dict) from a GGUF file's metadata and tensor shapes."""
-    meta = _Metadata(reader.fields, source)
+    meta = GGUFMetadata(reader.fields, source)
     arch = meta.require("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{source}: GGUF architecture '{arch}' is not supported",
@@ -186,8 +148,6 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
 
 def model_from_gguf_reader(reader: GGUFReader, source: str = "model.gguf") -> StandardModel:
     """A fp32 `StandardModel` from an open `gguf.GGUFReader` (see `load_gguf`)."""
-    from dynlm.interop.hf import build_standard_model
-
     config = gguf_config(reader, source)
     model = build_standard_model(config)
     tensors: dict[str, torch.Tensor] = {}
@@ -206,9 +166,7 @@ def model_from_gguf_reader(reader: GGUFReader, source: str = "model.gguf") -> St
             elif ".attn_k." in tensor.name:
                 value = unpermute_qk(value, config["num_kv_heads"])
         tensors[name] = value
-    with torch.no_grad():
-        load_state_into(model, tensors, source)
-    return model.eval()
+    return finish_loading(model, tensors, source)
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu",
@@ -216,143 +174,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu",
     """A `StandardModel` from a llama / qwen2 GGUF file. Quantized tensors are dequantized to
     fp32 (with `gguf.quants.dequantize`); `dtype` casts the model afterwards."""
     path = Path(path)
-    model = model_from_gguf_reader(open_gguf(path), str(path))
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model
-
-
-def gguf_eos_ids(metadata: Mapping[str, Any]) -> list[int]:
-    """The ids that end generation: end-of-sequence, end-of-turn and end-of-message, when given.
-    `metadata`: `GGUFReader.fields` or a dict of values."""
-    meta = _Metadata(metadata, "GGUF file")
-    ids = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
-    return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-# regexes of the pre-tokenizers named by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp)
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-           "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT}
-
-
-def _byte_level_pre_tokenizer(pre: str | None) -> Any:
-    """The pre-tokenizer a byte-level vocabulary was trained with, from `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in _SPLITS:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # the GPT-2 regex
-    if pre == "smollm":  # every digit on its own, then GPT-2's regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre not in (None, "default", "gpt-2", "gpt2"):
-        warnings.warn(f"GGUF pre-tokenizer '{pre}' is not known to dynlm; using GPT-2's split "
-                      "(tokenization may differ slightly from llama.cpp's)", stacklevel=3)
-    return byte_level
-
-
-def build_gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF file") -> Any:
-    """A `tokenizers.Tokenizer` (byte-level BPE) equal to the vocabulary stored in GGUF metadata
-    (`GGUFReader.fields`, or a dict of their values)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    meta = _Metadata(metadata, source)
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        raise DataError(f"{source}: the GGUF file has no tokenizer (tokenizer.ggml.model missing)")
-    if kind != "gpt2":
-        raise DataError(f"{source}: GGUF tokenizer type '{kind}' is not supported",
-                        "dynlm reads byte-level BPE vocabularies (tokenizer.ggml.model = gpt2)")
-    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
-    merges: list[str] = meta.require("tokenizer.ggml.merges")
-    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    to_unicode = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    special: list[AddedToken] = []
-    user_defined: list[AddedToken] = []
-    for index, (token, token_type) in enumerate(zip(tokens, token_types)):
-        # control tokens (<|im_start|>) and user-defined ones (<think>) are matched whole in the
-        # text before BPE, and stored as written
-        if token_type == _CONTROL:
-            special.append(AddedToken(token, special=True, normalized=False))
-        elif token_type == _USER_DEFINED:
-            user_defined.append(AddedToken(token, special=False, normalized=False))
-        elif not set(token) <= alphabet:  # a vocabulary entry written as raw text: respell its bytes
-            token = "".join(to_unicode[b] for b in token.encode("utf-8"))
-        vocab.setdefault(token, index)
-    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    if meta.get("tokenizer.ggml.pre") in ("qwen2", "deepseek-r1-qwen"):
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-    tokenizer.decoder = decoders.ByteLevel()
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer.add_special_tokens(special)
-    tokenizer.add_tokens(user_defined)
-    return tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the byte-level alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGUF file") -> HFTokenizer:
-    """The tokenizer described by GGUF metadata (vocabulary, merges, token types, bos/eos/pad,
-    end-of-turn tokens, chat template) as a dynlm `HFTokenizer`."""
-    from dynlm.data.tokenizers import HFTokenizer
-
-    try:
-        backend = build_gguf_tokenizer(metadata, source)
-        meta = _Metadata(metadata, source)
-        tokens = meta.require("tokenizer.ggml.tokens")
-    except CheckpointError as e:
-        raise DataError(e.message, e.hint) from None
-
-    def token(key: str) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return None if index is None or not 0 <= index < len(tokens) else tokens[index]
-
-    return HFTokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
-                       chat_template=meta.get("tokenizer.chat_template"),
-                       extra_eos_tokens=[t for t in (token("eot"), token("eom")) if t is not None],
-                       prepend_separator=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
-
-
-def tokenizer_from_gguf(path: str | Path) -> HFTokenizer:
-    """The tokenizer stored in a GGUF file, as a dynlm `HFTokenizer` (see
-    `tokenizer_from_gguf_metadata`). `dynlm.load_tokenizer("x.gguf")` gives the same."""
-    path = Path(path)
-    try:
-        reader = open_gguf(path)
-    except CheckpointError as e:
-        raise DataError(e.message, e.hint) from None
-    return tokenizer_from_gguf_metadata(reader.fields, str(path))
+    return model_from_gguf_reader(open_gguf(path), str(path)).to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

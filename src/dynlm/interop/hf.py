@@ -17,19 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dynlm.checkpoint import (
-    atomic_directory,
-    load_state_into,
-    model_state_dict,
-    read_config,
-    read_safetensors,
-    write_safetensors,
-)
+from dynlm.checkpoint import finish_loading, model_state_dict, read_config, read_safetensors, write_safetensors
+from dynlm.config import model_config
 from dynlm.errors import CheckpointError
+from dynlm.fileio import atomic_directory
+from dynlm.models.standard import StandardModel
 
 if TYPE_CHECKING:
     from dynlm.models.base import DynModel
-    from dynlm.models.standard import StandardModel
 
 # Hugging Face class name -> our naming family (ModelConfig.family)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -163,9 +158,6 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> dict[str,
 
 def build_standard_model(config: dict[str, Any]) -> StandardModel:
     """A StandardModel from a config dict, with one-line errors for inconsistent values."""
-    from dynlm.config import model_config
-    from dynlm.models.standard import StandardModel
-
     return StandardModel(model_config(config))
 
 
@@ -183,13 +175,7 @@ def load_hf_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     if config["tie_word_embeddings"]:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
-    model = build_standard_model(config)
-    with torch.no_grad():
-        load_state_into(model, tensors, str(directory))
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return finish_loading(build_standard_model(config), tensors, str(directory), device, dtype)
 
 
 def read_generation_eos_ids(directory: str | Path) -> list[int]:

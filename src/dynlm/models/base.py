@@ -1,4 +1,4 @@
-"""The model contract every architecture implements (see DESIGN.md, "Contracts")."""
+"""The model contract every architecture implements (docs/architecture.md, "The model contract")."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynlm.config import ModelConfig
+from dynlm.models.serialization import save_checkpoint
 
 
 @dataclass
@@ -110,12 +111,5 @@ class DynModel(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None,
                         generation_config: dict[str, Any] | None = None) -> Path:
-        from dynlm.checkpoint import save_checkpoint
-
+        """Write this model as a dynlm checkpoint directory (load it with `dynlm.load_pretrained`)."""
         return save_checkpoint(self, directory, tokenizer=tokenizer, generation_config=generation_config)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DynModel:
-        from dynlm.checkpoint import load_checkpoint
-
-        return load_checkpoint(directory, device=device)

@@ -16,15 +16,19 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dynlm.checkpoint import model_state_dict
+from dynlm import distributed
+from dynlm.checkpoint import is_dynlm_checkpoint, load_checkpoint, model_state_dict, read_safetensors
+from dynlm.data.tokenizers import load_tokenizer
 from dynlm.errors import CheckpointError, ConfigError
-from dynlm.train import distributed
+from dynlm.eval.evaluate import score_documents, split_documents_of, summarize
+from dynlm.infer.generate import generate
+from dynlm.registry import get_architecture
 from dynlm.train.checkpointing import find_resume_checkpoint
 from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
 from dynlm.train.data import prepare_run_data
@@ -66,12 +70,30 @@ def _say(ctx: distributed.DistContext, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+ModelLoader = Callable[[str], torch.nn.Module]
+
+
+def load_dynlm_checkpoint(path: str) -> torch.nn.Module:
+    """The default `init_from` loader: dynlm checkpoint directories. Other formats are read by the
+    layers above training (interop, weights); their loader is passed in as `load_model`."""
+    if not is_dynlm_checkpoint(path):
+        raise ConfigError(f"init_from '{path}' is not a dynlm checkpoint directory",
+                          "the `dynlm train` command reads any format; from Python pass "
+                          "train(..., load_model=dynlm.load_pretrained), or convert it first with `dynlm convert`")
+    return load_checkpoint(path)
+
+
 def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
           overrides: Sequence[str] | dict[str, Any] | None = None, *, resume: str | Path | None = None,
-          callbacks: Sequence[Callback] = ()) -> Path:
+          callbacks: Sequence[Callback] = (), load_model: ModelLoader = load_dynlm_checkpoint) -> Path:
     """Run training and return the run folder. `config` is a mode preset ("quick", "scratch",
     "transfer"), a YAML file, a dict or a RunConfig; `resume` a run folder to continue (its saved
-    config, with `overrides` applied on top, e.g. a larger train.max_steps)."""
+    config, with `overrides` applied on top, e.g. a larger train.max_steps).
+
+    `load_model(path)` reads `init_from` (default: dynlm checkpoints; `dynlm.load_pretrained`
+    reads every format). `train.code_form` needs a callback that writes the code form
+    (`dynlm.weights.lineage.CodeFormSaver`, which the `dynlm train` command adds): training sits
+    below the weights layer and does not import it."""
     t_start = time.perf_counter()
     overrides = list(overrides) if overrides is not None and not isinstance(overrides, dict) else overrides
     checkpoint: Path | None = None
@@ -103,8 +125,6 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
         # A resumed run uses the tokenizer saved with its checkpoint.
         saved_tokenizer = None
         if checkpoint is not None:
-            from dynlm.data.tokenizers import load_tokenizer
-
             saved_tokenizer = load_tokenizer(checkpoint)
         if ctx.is_main:
             tokenizer, splits = prepare_run_data(run, tokenizer=saved_tokenizer)
@@ -113,7 +133,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
             tokenizer, splits = prepare_run_data(run, show_progress=False, tokenizer=saved_tokenizer)
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
-        model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx)
+        model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx, load_model)
         if ctx.is_main:
             run.save(run_dir / "config.yaml", model_config)
         _say(ctx, f"model: {model_config.type}, {model.num_parameters() / 1e6:.2f}M parameters, "
@@ -121,10 +141,10 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
                   f"(vocab {tokenizer.vocab_size}); {len(splits['train'].tokens):,} training tokens")
         seed_everything(run.train.seed, ctx.rank)
 
-        if run.train.code_form is not None:
-            from dynlm.weights.lineage import CodeFormSaver
-
-            callbacks = [*callbacks, CodeFormSaver(run_dir / "code", mode=run.train.code_form)]
+        if run.train.code_form is not None and not any(getattr(c, "writes_code_form", False) for c in callbacks):
+            raise ConfigError("train.code_form needs a code-form callback",
+                              "the `dynlm train` command adds it; from Python pass "
+                              "callbacks=[dynlm.weights.lineage.CodeFormSaver()]")
         trainer = Trainer(run, model, tokenizer, splits, run_dir, ctx, callbacks)
         if checkpoint is not None:
             trainer.resume(checkpoint)
@@ -146,14 +166,10 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
 
 
 def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_dir: Path,
-                 ctx: distributed.DistContext) -> tuple[torch.nn.Module, Any]:
-    from dynlm.registry import get_architecture
-
+                 ctx: distributed.DistContext, load_model: ModelLoader) -> tuple[torch.nn.Module, Any]:
     source = None
     if run.init_from and checkpoint is None:
-        from dynlm import load_pretrained
-
-        source = load_pretrained(run.init_from)
+        source = load_model(run.init_from)
     model_config = resolve_model_config(run, tokenizer.vocab_size, source.config if source is not None else None)
     _, model_class = get_architecture(model_config.type)
     model = model_class(model_config)
@@ -174,8 +190,6 @@ def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_di
 
 def final_evaluation(trainer: Trainer) -> dict[str, Any]:
     """The best checkpoint's figures on the full splits named in `train.final_eval`."""
-    from dynlm.eval.evaluate import score_documents, split_documents_of, summarize
-
     cfg = trainer.cfg
     if not cfg.final_eval:
         return {}
@@ -196,8 +210,6 @@ def _load_into_trained_model(trainer: Trainer, checkpoint: Path) -> None:
     if trainer.cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from dynlm.checkpoint import read_safetensors
-
         set_model_state_dict(trainer.model, read_safetensors(checkpoint), options=StateDictOptions(
             full_state_dict=True, strict=False))
     else:
@@ -208,12 +220,10 @@ def _sample(trainer: Trainer) -> str | None:
     cfg = trainer.cfg
     if cfg.sample_prompt is None or cfg.sample_tokens == 0 or not trainer.ctx.is_main or cfg.fsdp:
         return None
-    import dynlm
-
     prompt = cfg.sample_prompt
     if not prompt and not getattr(trainer.tokenizer, "prepend_separator", False):
         return None  # nothing to condition on
-    text = dynlm.generate(trainer.model, trainer.tokenizer, prompt, max_new_tokens=cfg.sample_tokens,
+    text = generate(trainer.model, trainer.tokenizer, prompt, max_new_tokens=cfg.sample_tokens,
                           temperature=0.8, top_k=50, seed=cfg.seed)
     return prompt + text
 

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynlm import distributed
+from dynlm.distributed import DistContext
 from dynlm.errors import CheckpointError, DynlmError
 from dynlm.eval.evaluate import encode_documents, score_documents, summarize, text_spans
-from dynlm.train import distributed
 from dynlm.train.checkpointing import (
     capture_rng_state,
     link_directory,
@@ -41,7 +42,6 @@ from dynlm.train.checkpointing import (
 )
 from dynlm.train.config import RunConfig
 from dynlm.train.data import SequenceSampler, micro_batches
-from dynlm.train.distributed import DistContext
 from dynlm.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 Callback = Callable[[str, "Trainer", dict[str, Any]], None]

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from dynlm.checkpoint import model_state_dict
+from dynlm.errors import DataError
 from dynlm.nn import Attention, SwiGLU, apply_rotary, attention_mask
+from dynlm.weights.loading import load_pretrained, load_tokenizer
 
 DEFINITIONS = {
     "near_zero": "fraction of elements with |w| < 0.01 * RMS(w)",
@@ -240,14 +242,12 @@ def analyze(model: Any, texts: Iterable[str] | None = None, tokenizer: Any = Non
             seq_len: int = 256, max_tokens: int = 4096) -> dict[str, Any]:
     """Measure a model (a module, or any path `dynlm.load_pretrained` reads). With `texts` and
     a tokenizer (default: the checkpoint's), activations are measured on up to `max_tokens`."""
-    import dynlm
-
     source = None
     if isinstance(model, (str, Path)):
         source = str(model)
         if texts is not None and tokenizer is None:
-            tokenizer = dynlm.load_tokenizer(model)
-        model = dynlm.load_pretrained(model)
+            tokenizer = load_tokenizer(model)
+        model = load_pretrained(model)
     tensors = model_state_dict(model)
     per_tensor = [tensor_report(n, t, rank_cap) for n, t in tensors.items()]
     layers: dict[int, list[dict[str, Any]]] = {}
@@ -274,8 +274,6 @@ def analyze(model: Any, texts: Iterable[str] | None = None, tokenizer: Any = Non
             raise ValueError("analyzing activations needs a tokenizer")
         sequences = encode_texts(tokenizer, texts, seq_len, max_tokens)
         if not sequences:
-            from dynlm.errors import DataError
-
             raise DataError("the sample text gives no sequence of at least 2 tokens")
         report["activations"] = activation_report(model, sequences)
     report["findings"] = findings(report)

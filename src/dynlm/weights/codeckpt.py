@@ -24,14 +24,19 @@ from dynlm.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from dynlm.checkpoint import (
     INDEX_NAME,
     WEIGHTS_NAME,
-    atomic_directory,
+    finish_loading,
     is_dynlm_checkpoint,
-    load_state_into,
     model_state_dict,
     save_checkpoint,
     write_safetensors,
 )
-from dynlm.errors import CheckpointError, DynlmError
+from dynlm.config import model_config
+from dynlm.data.tokenizers import load_tokenizer
+from dynlm.errors import CheckpointError, DynlmError, did_you_mean
+from dynlm.fileio import atomic_directory
+from dynlm.interop.gguf import load_gguf
+from dynlm.interop.hf import load_hf_checkpoint
+from dynlm.registry import get_architecture
 from dynlm.weights.format import (
     DEFAULT_LITERAL_MAX,
     DTYPES,
@@ -179,12 +184,16 @@ def read_source(source: DynModel | str | Path, tokenizer: Any = None) -> Source:
     if path.is_dir() and is_dynlm_checkpoint(path):
         tensors, files = read_checkpoint_dir(path)
         return Source(tensors, files, str(path))
-    import dynlm  # a Hugging Face directory or a .gguf file: through the model
-
-    model = dynlm.load_pretrained(path)
+    # a Hugging Face directory or a .gguf file: through the model
+    if path.is_file() and path.suffix == ".gguf":
+        model = load_gguf(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = load_hf_checkpoint(path)
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint", "give a checkpoint directory or a .gguf file")
     if tokenizer is None:
         try:
-            tokenizer = dynlm.load_tokenizer(path)
+            tokenizer = load_tokenizer(path)
         except DynlmError:  # exported without a tokenizer
             tokenizer = None
     out = read_source(model, tokenizer)
@@ -275,8 +284,6 @@ def import_code_checkpoint(code_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def _model_config_of(ckpt: CodeCheckpoint):
-    from dynlm.config import model_config
-
     section = ckpt.config.get("dynlm")
     if not isinstance(section, dict) or "config" not in section:
         raise CheckpointError(f"{ckpt.path / 'config.py'}: CONFIG has no 'dynlm' section")
@@ -287,8 +294,6 @@ def _model_config_of(ckpt: CodeCheckpoint):
 
 
 def build_empty_model(ckpt: CodeCheckpoint) -> DynModel:
-    from dynlm.registry import get_architecture
-
     config = _model_config_of(ckpt)
     return get_architecture(config.type)[1](config)
 
@@ -297,15 +302,8 @@ def load_code_checkpoint(path: str | Path, device: str | torch.device = "cpu", d
                          shared_root: str | Path | None = None) -> DynModel:
     """Build the model a code checkpoint describes and load its cells (each verified by hash)."""
     ckpt = CodeCheckpoint(path, shared_root=shared_root)
-    model = build_empty_model(ckpt)
     tensors = {n: to_torch(a, ckpt.cells[n].dtype) for n, a in ckpt.arrays().items()}
-    load_state_into(model, tensors, str(ckpt.weights_file))
-    if model.config.tie_word_embeddings and hasattr(model, "lm_head"):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return finish_loading(build_empty_model(ckpt), tensors, str(ckpt.weights_file), device, dtype)
 
 
 def load_only(path: str | Path, cells: list[str] | str, model: torch.nn.Module | None = None,
@@ -346,8 +344,6 @@ def annotate(path: str | Path, cell_name: str, note: str) -> Cell:
     """Set a cell's note (recorded in its history); only weights.py changes."""
     ckpt = CodeCheckpoint(path)
     if cell_name not in ckpt.cells:
-        from dynlm.errors import did_you_mean
-
         raise CheckpointError(f"{path}: no cell '{cell_name}'", did_you_mean(cell_name, ckpt.cells))
     cell = ckpt.cells[cell_name]
     cell.note = note

@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from dynlm.checkpoint import write_safetensors
 from dynlm.errors import CheckpointError
+from dynlm.fileio import atomic_directory
 from dynlm.weights.codeckpt import Source, read_source, to_torch, write_code_form
 from dynlm.weights.format import (
     DELTA_FILE,
@@ -341,8 +343,6 @@ def _check_compatible(a: Source, b: Source) -> None:
 
 
 def _write_delta(out_dir: Path, header: dict[str, Any], cells: list[DeltaCell], blobs: dict[str, Tensor]) -> None:
-    from dynlm.checkpoint import atomic_directory
-
     kinds = ", ".join(f"{v} {k}" for k, v in header["kinds"].items())
     doc = (f"A dynlm weights delta: {kinds}.\n\nIt applies only to the weights whose hash is base_weights_sha256 "
            "(dynlm weights apply BASE THIS -o OUT).\nDeltaCell kinds: dense = difference (+ exact fix-ups), "
@@ -391,8 +391,6 @@ def apply_delta(base: Any, delta: str | Path | Delta, out_dir: str | Path, mode:
         write_mode = mode or (previous.model_info.get("mode", "inline") if previous else "inline")
         return write_code_form(out_dir, tensors, source.files, write_mode, event, previous, source.label,
                                parents=parents)
-    from dynlm.checkpoint import atomic_directory, write_safetensors
-
     with atomic_directory(out_dir) as tmp:
         write_safetensors({n: to_torch(a, d) for n, (a, d) in tensors.items()}, tmp)
         for name, data in source.files.items():

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, did_you_mean
 
 Index = int | slice | tuple | str | None
 Probe = Callable[[torch.nn.Module], float | dict[str, float]]
@@ -93,8 +93,6 @@ class Experiment:
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
-            from dynlm.errors import did_you_mean
-
             raise ConfigError(f"the model has no tensor '{name}'", did_you_mean(name, self._tensors))
         return self._tensors[name]
 

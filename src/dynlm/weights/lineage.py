@@ -15,10 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dynlm.checkpoint import save_checkpoint
 from dynlm.errors import CheckpointError
+from dynlm.fileio import atomic_open
+from dynlm.train.run import train
 from dynlm.weights.codeckpt import export_code_checkpoint, import_code_checkpoint, read_source, write_code_form
 from dynlm.weights.delta import Delta, diff
 from dynlm.weights.format import Cell, Shared, write_pieces
+from dynlm.weights.loading import load_pretrained
 from dynlm.weights.store import (
     CodeCheckpoint,
     build_cells,
@@ -82,10 +86,16 @@ class CodeFormSaver:
     previous save gets a history entry {"event": "trained", "step": ..., "corpus": ..., ...}.
 
         train("quick", callbacks=[CodeFormSaver("runs/code")])
-    """
+        train("quick", ["train.code_form=inline"], callbacks=[CodeFormSaver()])   # <run>/code
 
-    def __init__(self, out_dir: str | Path, mode: str = "hybrid", extra: dict[str, Any] | None = None):
-        self.out_dir = Path(out_dir)
+    Without `out_dir` and `mode` it follows the run's `train.code_form` (doing nothing when that
+    is null) and writes to `<run folder>/code`; the `dynlm train` command always adds one."""
+
+    writes_code_form = True  # tells `train()` that `train.code_form` is taken care of
+
+    def __init__(self, out_dir: str | Path | None = None, mode: str | None = None,
+                 extra: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.mode = mode
         self.extra = dict(extra or {})
         self.saved: list[Path] = []
@@ -93,13 +103,16 @@ class CodeFormSaver:
     def __call__(self, event: str, trainer: Any, info: dict[str, Any]) -> None:
         if event != "save" or not getattr(trainer.ctx, "is_main", True):
             return
+        mode = self.mode or trainer.run.train.code_form or ("hybrid" if self.out_dir is not None else None)
+        if mode is None:
+            return
+        out_dir = self.out_dir if self.out_dir is not None else Path(trainer.run_dir) / "code"
         history = {"event": "trained", "step": int(info.get("step", trainer.step)),
                    "tokens_seen": int(trainer.tokens_seen), "corpus": str(trainer.run.data.corpus),
                    "checkpoint": str(info.get("path", "")), **self.extra}
         if trainer.last_val:
             history["val_bpb"] = float(f"{trainer.last_val.get('bpb', float('nan')):.6g}")
-        self.saved.append(export_code_checkpoint(Path(info["path"]), self.out_dir, mode=self.mode,
-                                                 history_event=history))
+        self.saved.append(export_code_checkpoint(Path(info["path"]), out_dir, mode=mode, history_event=history))
 
 
 def specialize(parent: Any, domain: str, corpus: str, out_dir: str | Path, steps: int = 200,
@@ -112,8 +125,6 @@ def specialize(parent: Any, domain: str, corpus: str, out_dir: str | Path, steps
     corpus, the steps, the run folder and the run's final validation figures. The parent keeps
     its tokenizer (`data.tokenizer=init`). `work_dir` keeps the run folder (default: a temporary
     folder, removed afterwards); `callbacks` go to the trainer (e.g. a `CodeFormSaver`)."""
-    from dynlm.train.run import train
-
     src = read_source(parent)
     with tempfile.TemporaryDirectory(prefix="dynlm-specialize-") as tmp:
         base = Path(tmp) / "parent"
@@ -122,11 +133,11 @@ def specialize(parent: Any, domain: str, corpus: str, out_dir: str | Path, steps
         elif isinstance(parent, (str, Path)):
             base = Path(parent)
         else:
-            parent.save_pretrained(base)
+            save_checkpoint(parent, base)
         runs = Path(work_dir) if work_dir is not None else Path(tmp) / "runs"
         run_dir = train(config, [f"init_from={base}", f"data.corpus={corpus}", "data.tokenizer=init",
                                  f"train.max_steps={steps}", f"out_dir={runs}", f"run_name={_folder_name(domain)}",
-                                 *overrides], callbacks=callbacks)
+                                 *overrides], callbacks=callbacks, load_model=load_pretrained)
         tuned = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
         if not tuned.is_dir():
             raise CheckpointError(f"{run_dir}: the run saved no checkpoint")
@@ -189,10 +200,8 @@ def share_cells(checkpoints: Sequence[str | Path], cells: Sequence[str] | str, s
     shared_file.parent.mkdir(parents=True, exist_ok=True)
     info = {"shared": True, "cells": len(shared_cells), "weights_sha256":
             weights_sha256({c.name: c.sha256 for c in shared_cells}), "used_by": [str(c.path) for c in ckpts]}
-    tmp = shared_file.with_name(f".{shared_file.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(shared_file) as f:
         write_pieces(f, render_weights(shared_cells, info))
-    os.replace(tmp, shared_file)
     for ckpt in ckpts:
         relative = os.path.relpath(shared_file.resolve(), ckpt.path.resolve())
         for name in names:

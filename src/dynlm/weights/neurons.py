@@ -26,6 +26,7 @@ import torch
 
 from dynlm.errors import DataError
 from dynlm.weights.analysis import ActivationRecorder, _layer_of
+from dynlm.weights.loading import load_pretrained, load_tokenizer
 
 METHOD = ("score = (mean activation on concept tokens - mean on background tokens) / (std on background tokens "
           "+ 1e-6), per MLP neuron (input of down_proj); above_background_p99 = fraction of concept tokens whose "
@@ -83,11 +84,9 @@ def find_neurons_for(model: Any, tokenizer: Any, concept_examples: list[str], ba
     `model` may be a path (any checkpoint `dynlm.load_pretrained` reads; its tokenizer is used
     when `tokenizer` is None). Without `background`, the examples' tokens outside the concept
     are the background (this needs `concept`)."""
-    import dynlm
-
     if isinstance(model, (str, Path)):
-        tokenizer = tokenizer if tokenizer is not None else dynlm.load_tokenizer(model)
-        model = dynlm.load_pretrained(model)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        model = load_pretrained(model)
     examples = [t for t in concept_examples if t.strip()]
     if not examples:
         raise DataError("no concept examples given")

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from dynlm.errors import CheckpointError
+from dynlm.data.tokenizers import load_tokenizer
+from dynlm.errors import CheckpointError, did_you_mean
+from dynlm.fileio import atomic_directory, atomic_open
 from dynlm.weights.format import (
     BLOBS_FILE,
     CONFIG_FILE,
@@ -244,8 +246,6 @@ def _inside(root: Path, base: Path, relative: str, what: str, where: str) -> Pat
 def load_vocab_tokenizer(folder: str | Path) -> Any:
     """The tokenizer stored in a code checkpoint's vocab.py, through dynlm's tokenizer loader
     (parses vocab.py only; no torch needed)."""
-    from dynlm.data.tokenizers import load_tokenizer
-
     vocab = Path(folder) / VOCAB_FILE
     if not vocab.is_file():
         raise CheckpointError(f"{folder}: this code checkpoint has no tokenizer ({VOCAB_FILE})")
@@ -340,8 +340,6 @@ class CodeCheckpoint:
             hits = [n for n in self.cells if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")
                     or n == pattern]
             if not hits:
-                from dynlm.errors import did_you_mean
-
                 raise CheckpointError(f"{self.path}: no cell matches '{given}'",
                                       did_you_mean(given, self.cells) or "see `dynlm weights show`")
             names += [n for n in hits if n not in names]
@@ -570,8 +568,6 @@ def model_header(cells: list[Cell], base: dict[str, Any], mode: str) -> dict[str
 def write_folder(out_dir: str | Path, cells: list[Cell], model_info: dict[str, Any], files: dict[str, bytes],
                  blobs: dict[str, Tensor] | None = None, extra: dict[str, bytes] | None = None) -> Path:
     """Write a whole code checkpoint folder atomically (a failed write leaves `out_dir` as it was)."""
-    from dynlm.checkpoint import atomic_directory  # torch is only needed to write, never to read
-
     out_dir = Path(out_dir)
     config_files = {n: b for n, b in files.items() if n not in VOCAB_VARIABLES and not n.startswith("tokenizer")}
     vocab_files = {n: b for n, b in files.items() if n not in config_files}
@@ -597,11 +593,5 @@ def write_folder(out_dir: str | Path, cells: list[Cell], model_info: dict[str, A
 def rewrite_weights_file(path: Path, cells: list[Cell], model_info: dict[str, Any]) -> None:
     """Replace weights.py alone (annotations, rehash), atomically; payload text is copied as is."""
     pieces = render_weights(cells, model_info)
-    fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".py.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_pieces(f, pieces)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        write_pieces(f, pieces)

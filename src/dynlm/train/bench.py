@@ -27,8 +27,14 @@ from typing import Any
 
 import torch
 
+from dynlm.config import model_config
+from dynlm.distributed import autocast, resolve_device, resolve_dtype
 from dynlm.errors import ConfigError, did_you_mean
 from dynlm.eval.flops import device_name, mfu, peak_flops
+from dynlm.registry import get_architecture
+from dynlm.train.config import COMPILE_MODES, TrainConfig
+from dynlm.train.optim import build_optimizer
+from dynlm.train.trainer import TrainStep
 
 
 @dataclass
@@ -57,8 +63,6 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or any(c < 1 for c in self.decode_contexts):
             raise ConfigError("warmup must be >= 0 and decode contexts >= 1")
-        from dynlm.train.config import COMPILE_MODES
-
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"bad compile mode '{self.compile_mode}'", did_you_mean(self.compile_mode, COMPILE_MODES))
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -138,15 +142,11 @@ def _peak_memory(device: torch.device) -> int | None:
 
 
 def _build(cfg: BenchConfig, **extra: Any) -> torch.nn.Module:
-    import dynlm
-
-    return dynlm.build_model(cfg.model, **{**cfg.overrides, **extra})
+    config = model_config(cfg.model, **{**cfg.overrides, **extra})
+    return get_architecture(config.type)[1](config)
 
 
 def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from dynlm.train.config import TrainConfig
-    from dynlm.train.optim import build_optimizer
-    from dynlm.train.trainer import TrainStep
 
     model = _build(cfg).to(device).train()
     optimizer = build_optimizer(model, TrainConfig(), device)
@@ -172,7 +172,6 @@ def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> d
 
 
 def bench_forward(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from dynlm.train.distributed import autocast
 
     model = _build(cfg).to(device).eval()
     input_ids = torch.randint(0, model.config.vocab_size, (cfg.batch, cfg.seq_len), device=device)
@@ -229,7 +228,6 @@ def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
 
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     """Every measurement one config asks for."""
-    from dynlm.train.distributed import resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -252,7 +250,6 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 def run_suite(configs: list[BenchConfig], title: str = "dynlm bench",
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every config; ratios of training tokens/s are relative to the first."""
-    from dynlm.train.distributed import resolve_device, resolve_dtype
 
     device = resolve_device(configs[0].device)
     dtype = resolve_dtype(configs[0].dtype, device)

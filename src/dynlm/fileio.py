@@ -1,0 +1,157 @@
+"""Atomic file and folder writes: the one place where dynlm writes to a temporary sibling and
+renames it into place. Standard library only (every layer may import it).
+
+    atomic_write_text(path, text)           # a reader sees the old file or the new one, never half
+    with atomic_open(path) as f: ...        # stream bytes into it
+    atomic_write_json(path, value)          # json.dumps(value, indent=2) + a final newline
+    with atomic_directory(folder) as tmp:   # fill tmp; on success it becomes `folder`
+        ...
+
+Folders. A folder cannot be renamed over a non-empty folder, so replacing one takes care. On
+Linux `atomic_directory` swaps the new folder and the old one in a single `renameat2(...,
+RENAME_EXCHANGE)` call: at every instant `folder` holds either the complete old contents or
+the complete new ones. Where that call is missing (other systems, some file systems) it falls back
+to two renames, old -> `.<name>.old-<pid>` then new -> `folder`; a crash between the two leaves
+the previous folder under the `.old` name, and `recover_directory(folder)` (which every loader of
+dynlm checkpoints calls first) renames it back. Either way a crash during a save leaves a
+loadable previous folder."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _load_renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`). False when
+    the system or the file system cannot; then nothing was changed."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(errno, os.strerror(errno), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write; when the block succeeds it replaces `path` in one rename (a failed
+    block leaves `path` as it was and no temporary file behind)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write `data` to `path` through a temporary sibling renamed into place."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
+    """`value` as JSON (UTF-8, non-ASCII kept, a final newline), written atomically."""
+    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def _old_siblings(directory: Path) -> list[Path]:
+    prefix = f".{directory.name}.old-"
+    if not directory.parent.is_dir():
+        return []
+    return sorted((p for p in directory.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+
+
+def recover_directory(directory: str | Path) -> bool:
+    """Undo a replacement that stopped between its two renames (the fallback path of
+    `atomic_directory`): when `directory` is missing and a `.<name>.old-*` sibling exists, the
+    newest one is renamed back. True when something was recovered."""
+    directory = Path(directory)
+    if directory.exists():
+        return False
+    old = _old_siblings(directory)
+    if not old:
+        return False
+    os.replace(old[-1], directory)
+    return True
+
+
+def _remove_stale(directory: Path) -> None:
+    """Leftovers of interrupted writes: temporary folders, and `.old` folders whose content is
+    superseded by an existing `directory`."""
+    if not directory.parent.is_dir():
+        return
+    for prefix in (f".{directory.name}.tmp-", f".{directory.name}.old-"):
+        for path in directory.parent.iterdir():
+            if path.name.startswith(prefix) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `directory`; when the block succeeds it replaces
+    `directory` (see the module docstring for how a crash at any point leaves a loadable folder).
+    When the block raises, `directory` is untouched and the temporary folder removed."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(directory)
+    _remove_stale(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return
+        if exchange_paths(tmp, directory):  # tmp now holds the previous contents
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,117 @@
+"""Writing the one checkpoint format (see `dynlm.checkpoint`, which reads it): a directory with
+`config.json` (Hugging Face-like fields plus a `dynlm` section naming the architecture and the
+format version), `model.safetensors` (sharded with an index when large), `tokenizer.json` and
+optional `generation_config.json`. No pickle.
+
+The writer sits in the models layer so that `DynModel.save_pretrained` can use it without
+importing the checkpoint layer above it (layers import one way; see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from dynlm.fileio import atomic_directory
+from dynlm.registry import get_architecture
+
+if TYPE_CHECKING:
+    from dynlm.models.base import DynModel
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def hf_config_fields(config: Any) -> dict[str, Any]:
+    """The Hugging Face names of the transformer fields (Qwen2 / Llama style)."""
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied duplicates (e.g. a tied LM head) removed: safetensors refuses shared
+    storage, and the loader re-ties them from the config."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """`model.safetensors`, or shards plus a Hugging Face index when over `max_shard_bytes`."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if size + n > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                    "weight_map": weight_map}, indent=2))
+
+
+def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = None,
+                    generation_config: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `model` as a checkpoint directory, atomically. `state_dict` replaces the model's own
+    tensors (e.g. a full state dict gathered from a sharded model); `write_extra(tmp_dir)` may add
+    files inside the same atomic write (the trainer's `trainer/` folder)."""
+    directory = Path(directory)
+    config = model.config
+    with atomic_directory(directory) as tmp:
+        write_safetensors(state_dict if state_dict is not None else model_state_dict(model), tmp, max_shard_bytes)
+        class_name = get_architecture(model.architecture)[1].__name__  # not a wrapper's (FSDP) class name
+        cfg = {"architectures": [class_name], "model_type": config.family,
+               **hf_config_fields(config),
+               "dynlm": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
+                         "config": config.to_dict()}}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        if write_extra is not None:
+            write_extra(tmp)
+    return directory
