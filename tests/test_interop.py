@@ -422,7 +422,7 @@ def test_convert_is_atomic(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("dynlm.checkpoint.write_safetensors", disk_full)
+    monkeypatch.setattr("dynlm.models.serialization.write_safetensors", disk_full)
     with pytest.raises(OSError):
         convert(tmp_path / "hf", tmp_path / "ours", overwrite=True, dtype="fp16")
     assert (tmp_path / "ours" / "model.safetensors").read_bytes() == before  # the old one is intact

@@ -110,7 +110,16 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 
 
 def model_state_dict_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
+    """Names and shapes of the tensors a checkpoint of `model` holds (tied duplicates left out, as
+    in `model_state_dict`), without copying anything: works on a model on the meta device."""
+    seen: set[int] = set()
+    out: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        out[name] = tuple(tensor.shape)
+    return out
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",

@@ -32,6 +32,10 @@ _EXPORTS = {
     "find_neurons_for": "neurons",
     "NumpyLM": "numpy_runtime",
     "UnsafeCheckpointError": "safe_loader",
+    "LoadLimits": "safe_loader",
+    "load_pretrained": "loading",
+    "load_tokenizer": "loading",
+    "read_training_info": "loading",
     "parse_file": "safe_loader",
 }
 

@@ -27,6 +27,7 @@ from dynlm.checkpoint import (
     finish_loading,
     is_dynlm_checkpoint,
     model_state_dict,
+    model_state_dict_shapes,
     save_checkpoint,
     write_safetensors,
 )
@@ -51,6 +52,7 @@ from dynlm.weights.format import (
     float_text,
     tensor_stats,
 )
+from dynlm.weights.safe_loader import LoadLimits
 from dynlm.weights.store import (
     CodeCheckpoint,
     Tensor,
@@ -298,10 +300,31 @@ def build_empty_model(ckpt: CodeCheckpoint) -> DynModel:
     return get_architecture(config.type)[1](config)
 
 
+def check_cells_match_config(ckpt: CodeCheckpoint) -> None:
+    """Refuse a checkpoint whose config implies other tensors than its cells declare, before the
+    model is allocated: the model is first built on the meta device (no memory), so a config that
+    claims a huge model next to small cells costs nothing."""
+    with torch.device("meta"):
+        expected = model_state_dict_shapes(build_empty_model(ckpt))
+    where = str(ckpt.weights_file)
+    missing = [n for n in expected if n not in ckpt.cells]
+    unexpected = [n for n in ckpt.cells if n not in expected]
+    if missing or unexpected:
+        parts = [f"missing cells {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
+                 f"unexpected cells {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else ""]
+        raise CheckpointError(f"{where}: does not match the model config: " + "; ".join(p for p in parts if p))
+    for name, shape in expected.items():
+        if tuple(ckpt.cells[name].shape) != shape:
+            raise CheckpointError(f"{ckpt.where(ckpt.cells[name])}: shape {tuple(ckpt.cells[name].shape)}, the config "
+                                  f"implies {shape}")
+
+
 def load_code_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         shared_root: str | Path | None = None) -> DynModel:
-    """Build the model a code checkpoint describes and load its cells (each verified by hash)."""
-    ckpt = CodeCheckpoint(path, shared_root=shared_root)
+                         shared_root: str | Path | None = None, limits: LoadLimits | None = None) -> DynModel:
+    """Build the model a code checkpoint describes and load its cells (each verified by hash).
+    `limits`: the loader's budgets (`dynlm.weights.LoadLimits`; default `default_limits()`)."""
+    ckpt = CodeCheckpoint(path, shared_root=shared_root, limits=limits)
+    check_cells_match_config(ckpt)  # sizes: cells against payloads (CodeCheckpoint), config against cells (here)
     tensors = {n: to_torch(a, ckpt.cells[n].dtype) for n, a in ckpt.arrays().items()}
     return finish_loading(build_empty_model(ckpt), tensors, str(ckpt.weights_file), device, dtype)
 

@@ -435,21 +435,45 @@ def _deflate_into(plane: np.ndarray, out: np.ndarray, offset: int, huffman_only:
     return written
 
 
+# deflate cannot expand data more than ~1032 times (a 258-byte match per 2 bits at best)
+DEFLATE_MAX_RATIO = 1032
+
+
+def check_payload_size(payload: Payload, numel: int, dtype: str) -> None:
+    """Refuse a Literal or Inline payload that cannot hold `numel` elements of `dtype`, from the
+    sizes it declares alone (nothing decoded, nothing allocated): a raw byte plane must hold one
+    byte per element, a deflated one at most `DEFLATE_MAX_RATIO` times its length, and the
+    base85 text exactly the planes' bytes. Ref and Shared payloads are checked against their
+    source when read."""
+    if isinstance(payload, Literal):
+        if len(payload.values) != numel:
+            raise PayloadError(f"Literal holds {len(payload.values)} values, the shape needs {numel}")
+        return
+    if not isinstance(payload, Inline):
+        return
+    itemsize = np.dtype(dtype_info(dtype).storage).itemsize
+    if len(payload.planes) != itemsize:
+        raise PayloadError(f"{len(payload.planes)} byte planes for dtype {dtype} (expects {itemsize})")
+    for i, (method, length) in enumerate(payload.planes):
+        if method == "raw" and length != numel:
+            raise PayloadError(f"raw byte plane {i} holds {length} bytes, the shape needs {numel}")
+        if method == "zlib" and numel > DEFLATE_MAX_RATIO * length + 1024:
+            raise PayloadError(f"deflated byte plane {i} of {length} bytes cannot hold the {numel:,} bytes the "
+                               "shape declares")
+    chars = len(payload.b85)
+    stored = sum(n for _, n in payload.planes)
+    if stored != b85_decoded_size(chars):
+        raise PayloadError(f"planes declare {stored} bytes but the base85 text holds {b85_decoded_size(chars)}")
+
+
 def decode_inline(payload: Inline, numel: int, dtype: str) -> np.ndarray:
     """Inline payload -> flat storage array. Streams: base85 is decoded chunk by chunk straight
     into the output's byte planes, so memory stays at the tensor's size. Every length is
     checked, and inflating stops at the tensor's size (a deflate bomb cannot grow)."""
     storage = np.dtype(DTYPES[dtype].storage)
     planes = payload.planes
-    if len(planes) != storage.itemsize:
-        raise PayloadError(f"{len(planes)} byte planes for dtype {dtype} (expects {storage.itemsize})")
+    check_payload_size(payload, numel, dtype)  # before allocating from the declared shape
     chars = _b85_text(payload.b85)
-    stored = sum(n for _, n in planes)
-    if stored != b85_decoded_size(chars.size):
-        raise PayloadError(f"planes declare {stored} bytes but the base85 text holds {b85_decoded_size(chars.size)}")
-    for i, (method, length) in enumerate(planes):
-        if method == "raw" and length != numel:
-            raise PayloadError(f"raw byte plane {i} holds {length} bytes, the shape needs {numel}")
     out = np.empty((numel, storage.itemsize), np.uint8)
     state = _PlaneWriter(out, planes)
     for chunk in _b85_chunks(chars):

@@ -24,8 +24,17 @@ and the constructors take keyword arguments of fixed types (payloads also positi
 
 No names, attribute access, operators (other than a minus sign on a number), calls to anything
 else, comprehensions, lambdas, f-strings, bytes, sets, decorators or statements other than the
-above. Nesting deeper than `MAX_DEPTH` and files with more than `MAX_ITEMS` literal items are
-refused before they can cost memory.
+above.
+
+Budgets, checked before anything is parsed or allocated (`LoadLimits`; raise them per call, or
+for every load with the environment variable `DYNLM_LOAD_LIMITS="tokens=8000000,depth=40"`):
+CPython's parser needs a few hundred bytes per token, so a small file of many tokens could
+otherwise take gigabytes before the grammar is even looked at. A lexical pre-scan (one regular
+expression, early exit) counts the tokens, the bracket depth and the top-level statements of the
+text the parser would see, and refuses a file over any budget with an error naming the limit and
+how to raise it; the parser then never sees more than `tokens` tokens. Declared tensor sizes are
+checked against their payloads, and their total against `tensor_bytes`, before any tensor is
+allocated (`dynlm.weights.store`).
 
 Speed: base85 payloads can be hundreds of megabytes, and CPython's tokenizer reads strings at
 ~150 MB/s. The loader therefore parses a *skeleton* in which every `b85="..."` string whose text
@@ -40,9 +49,11 @@ from __future__ import annotations
 
 import ast
 import mmap
+import os
 import re
 import secrets
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +73,6 @@ from dynlm.weights.format import (
     Shared,
 )
 
-MAX_DEPTH = 32  # containers inside containers, calls included
-MAX_ITEMS = 4_000_000  # literal items in one file (list/tuple/dict entries); commas pre-counted
 _ELIDE_MIN = 256  # b85 strings at least this long are kept out of the parser
 _B85_MARKER = b'b85="'
 
@@ -76,6 +85,118 @@ _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 class UnsafeCheckpointError(CheckpointError):
     """A code checkpoint file outside the grammar: refused, nothing of it was run."""
+
+
+LIMITS_ENV = "DYNLM_LOAD_LIMITS"
+
+
+@dataclass(frozen=True)
+class LoadLimits:
+    """What the loader accepts from one code checkpoint. The defaults admit every checkpoint dynlm
+    writes for models up to a few billion parameters (a 150k-token vocabulary is ~2M tokens) and
+    bound the parser's memory at roughly 1 GB."""
+
+    source_bytes: int = 512 << 20  # text handed to the parser (base85 payloads are kept out of it)
+    tokens: int = 4_000_000  # Python tokens of that text
+    depth: int = 32  # containers inside containers, calls included
+    statements: int = 10_000  # top-level statements (a file holds a handful of assignments)
+    tensor_bytes: int = 64 << 30  # the cells' declared sizes, together
+
+    def replace(self, **changes: int) -> LoadLimits:
+        return LoadLimits(**{**{f.name: getattr(self, f.name) for f in dataclass_fields(self)}, **changes})
+
+
+def default_limits() -> LoadLimits:
+    """`LoadLimits()` with the overrides of `$DYNLM_LOAD_LIMITS` ("tokens=8000000,depth=40")."""
+    text = os.environ.get(LIMITS_ENV, "").strip()
+    if not text:
+        return LoadLimits()
+    names = {f.name for f in dataclass_fields(LoadLimits)}
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in names or not value.strip().isdigit():
+            raise CheckpointError(f"${LIMITS_ENV}: bad item '{item.strip()}'",
+                                  "use NAME=INTEGER items separated by commas; names: " + ", ".join(sorted(names)))
+        changes[key] = int(value)
+    return LoadLimits().replace(**changes)
+
+
+def over_budget(path: Path, what: str, amount: int, limit_name: str, limit: int,
+                line: int | None = None) -> UnsafeCheckpointError:
+    """The one-line refusal of a file over a budget, saying how to raise the limit."""
+    where = f"line {line}: " if line is not None else ""
+    return UnsafeCheckpointError(
+        f"{path}: {where}{what} ({amount:,}) exceeds the loader's limit {limit_name}={limit:,}; refused before "
+        "parsing or allocating",
+        f'if you trust the file, raise it: LoadLimits({limit_name}=...) or {LIMITS_ENV}="{limit_name}=..."')
+
+
+# Strings and comments: each replaced by one word ("0") before counting, so that brackets, quotes
+# and words inside them do not count. A string prefix (b, r, f) stays as a word of its own.
+_STRING_OR_COMMENT = re.compile(
+    rb'''"""(?:[^"\\]|\\.|"(?!""))*"""'''  # triple-quoted, then single-quoted (no line break), then a comment
+    rb"""|'''(?:[^'\\]|\\.|'(?!''))*'''"""
+    rb'''|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|\#[^\n]*''', re.S)
+_WORD = np.zeros(256, bool)
+_WORD[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_", np.uint8)] = True
+_WORD[0x80:] = True  # UTF-8 letters
+_BLANK = np.zeros(256, bool)
+_BLANK[np.frombuffer(b"\x00 \t\f\r\n\\", np.uint8)] = True  # NUL: blanked strings (a real NUL is refused before)
+_BRACKET = np.zeros(256, np.int8)
+_BRACKET[np.frombuffer(b"([{", np.uint8)] = 1
+_BRACKET[np.frombuffer(b")]}", np.uint8)] = -1
+_END = np.zeros(256, bool)
+_END[np.frombuffer(b"\n;", np.uint8)] = True
+_SCAN_CHUNK = 1 << 18  # bytes per step: the temporaries stay around a megabyte
+
+
+def prescan(path: Path, source: bytes | mmap.mmap, limits: LoadLimits) -> int:
+    """Refuse `source` over the budgets of `limits` without parsing it: its size, its Python
+    tokens (an upper bound: a number such as 1.5e-3 counts as several), its bracket depth and its
+    top-level statements. One copy of the text (strings and comments blanked out, each left as
+    one word), then vectorised passes over small chunks: memory stays near the text's size.
+    Returns the token count."""
+    if len(source) > limits.source_bytes:
+        raise over_budget(path, "text to parse, in bytes", len(source), "source_bytes", limits.source_bytes)
+    text = bytearray(source)
+    for match in _STRING_OR_COMMENT.finditer(source):
+        start, end = match.span()
+        text[start:end] = bytes(end - start)  # blank (NUL counts as blank here) ...
+        text[start] = 0x30  # ... but for one "0": the string is one token
+    bare = np.frombuffer(text, np.uint8)
+    tokens = statements = 0
+    depth, previous_word, line_has_token = 0, False, False
+    for start in range(0, bare.size, _SCAN_CHUNK):
+        chunk = bare[start: start + _SCAN_CHUNK]
+        word = _WORD[chunk]
+        token_start = ~word & ~_BLANK[chunk]  # punctuation: one token per character
+        token_start[1:] |= word[1:] & ~word[:-1]
+        token_start[0] |= word[0] and not previous_word
+        previous_word = bool(word[-1])
+        tokens += int(np.count_nonzero(token_start))
+        if tokens > limits.tokens:
+            raise over_budget(path, "Python tokens, at least", tokens, "tokens", limits.tokens)
+        levels = np.cumsum(_BRACKET[chunk], dtype=np.int32) + depth
+        deepest = int(levels.max())
+        if deepest > limits.depth + 1:  # the value of an assignment opens the first bracket
+            raise over_budget(path, "nesting depth", deepest - 1, "depth", limits.depth)
+        depth = int(levels[-1])
+        # a statement ends at a newline or ';' outside brackets after at least one token
+        ends = np.flatnonzero(_END[chunk] & (levels == 0))
+        seen = np.cumsum(token_start, dtype=np.int32)
+        counts = seen[ends]
+        if counts.size:
+            nonempty = counts > np.concatenate([[0], counts[:-1]])
+            nonempty[0] = counts[0] > 0 or line_has_token
+            statements += int(np.count_nonzero(nonempty))
+            line_has_token = bool(seen[-1] > counts[-1])
+        else:
+            line_has_token = line_has_token or bool(seen[-1] > 0)
+        if statements > limits.statements:
+            raise over_budget(path, "top-level statements", statements, "statements", limits.statements)
+    return tokens
 
 
 @dataclass
@@ -152,11 +273,11 @@ def describe(node: ast.AST) -> str:
 class _Walker:
     """Builds values from an already-parsed tree, refusing anything outside the grammar."""
 
-    def __init__(self, path: Path, placeholders: dict[str, memoryview]):
+    def __init__(self, path: Path, placeholders: dict[str, memoryview], limits: LoadLimits):
         self.path = path
         self.placeholders = placeholders
+        self.limits = limits
         self.found: set[str] = set()
-        self.items = 0
 
     def fail(self, node: ast.AST, message: str) -> UnsafeCheckpointError:
         line = getattr(node, "lineno", None)
@@ -169,8 +290,8 @@ class _Walker:
 
     # -- literals -------------------------------------------------------------------------------
     def literal(self, node: ast.AST, depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise self.fail(node, f"nesting deeper than {MAX_DEPTH} levels")
+        if depth > self.limits.depth:
+            raise self.fail(node, f"nesting deeper than {self.limits.depth} levels")
         if isinstance(node, ast.Constant):
             value = node.value
             if isinstance(value, str):
@@ -184,11 +305,9 @@ class _Walker:
                 and isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float):
             return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
         if isinstance(node, (ast.List, ast.Tuple)):
-            self.count(node, len(node.elts))
             values = [self.literal(e, depth + 1) for e in node.elts]
             return values if isinstance(node, ast.List) else tuple(values)
         if isinstance(node, ast.Dict):
-            self.count(node, len(node.keys))
             out = {}
             for key, value in zip(node.keys, node.values):
                 if key is None:  # {**x}
@@ -201,11 +320,6 @@ class _Walker:
             return out
         raise self.refuse(node)
 
-    def count(self, node: ast.AST, n: int) -> None:
-        self.items += n
-        if self.items > MAX_ITEMS:
-            raise self.fail(node, f"more than {MAX_ITEMS:,} literal items in one file")
-
     # -- typed fields ---------------------------------------------------------------------------
     def typed(self, node: ast.AST, kind: str, field_name: str, depth: int) -> Any:
         if kind == "payload":
@@ -213,12 +327,10 @@ class _Walker:
         if kind == "cells":
             if not isinstance(node, ast.List):
                 raise self.fail(node, f"'{field_name}' must be a list of Cell(...)")
-            self.count(node, len(node.elts))
             return [self.call(e, ("Cell",), depth + 1) for e in node.elts]
         if kind == "delta_cells":
             if not isinstance(node, ast.List):
                 raise self.fail(node, f"'{field_name}' must be a list of DeltaCell(...)")
-            self.count(node, len(node.elts))
             return [self.call(e, ("DeltaCell",), depth + 1) for e in node.elts]
         if kind == "b85":
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -233,7 +345,6 @@ class _Walker:
             if len(node.elts) > MAX_LITERAL_VALUES:
                 raise self.fail(node, f"a Literal of {len(node.elts):,} values (the limit is "
                                       f"{MAX_LITERAL_VALUES:,}; large tensors are Inline or Ref)")
-            self.count(node, len(node.elts))
             values = [self.literal(e, depth + 1) for e in node.elts]
             if not all(isinstance(v, (bool, int, float)) for v in values):
                 raise self.fail(node, "a Literal holds numbers (or True/False) only")
@@ -275,8 +386,8 @@ class _Walker:
         return value
 
     def call(self, node: ast.AST, allowed: tuple[str, ...], depth: int) -> Any:
-        if depth > MAX_DEPTH:
-            raise self.fail(node, f"nesting deeper than {MAX_DEPTH} levels")
+        if depth > self.limits.depth:
+            raise self.fail(node, f"nesting deeper than {self.limits.depth} levels")
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in allowed):
             expected = " or ".join(f"{a}(...)" for a in allowed)
             if isinstance(node, ast.Call) or not isinstance(node, (ast.Constant, ast.List, ast.Tuple, ast.Dict)):
@@ -335,28 +446,25 @@ def _elide(raw: bytes | mmap.mmap) -> tuple[bytes, dict[str, memoryview]]:
         pieces.append(key.encode("ascii"))
         placeholders[key] = view[start:end]
         copied = pos = end
+    if not placeholders:
+        return raw, placeholders  # nothing elided: no copy of a (possibly hostile, large) file
     pieces.append(bytes(view[copied:]))
     return b"".join(pieces), placeholders
 
 
-def _line_of(source: bytes, offset: int) -> int:
-    return source.count(b"\n", 0, offset) + 1
+def _line_of(source: bytes | mmap.mmap, offset: int) -> int:
+    return bytes(memoryview(source)[:offset]).count(b"\n") + 1
 
 
-def _parse_tree(path: Path, source: bytes) -> ast.Module:
-    """ast.parse with errors that name the line; nothing is compiled to code or run."""
-    if source.count(b",") > MAX_ITEMS:  # refuse a huge literal before the parser builds it
-        total = 0
-        for number, line in enumerate(source.split(b"\n"), 1):
-            total += line.count(b",")
-            if total > MAX_ITEMS:
-                raise UnsafeCheckpointError(f"{path}: line {number}: more than {MAX_ITEMS:,} "
-                                            "literal items in one file")
+def _parse_tree(path: Path, source: bytes | mmap.mmap, limits: LoadLimits) -> ast.Module:
+    """ast.parse with errors that name the line, after the budgets' pre-scan; nothing is
+    compiled to code or run."""
     null = source.find(b"\x00")
     if null >= 0:
         raise UnsafeCheckpointError(f"{path}: line {_line_of(source, null)}: a null byte (not Python source)")
+    prescan(path, source, limits)  # before the text is even decoded
     try:
-        text = source.decode("utf-8")
+        text = str(memoryview(source), "utf-8")
     except UnicodeDecodeError as e:
         raise UnsafeCheckpointError(f"{path}: line {_line_of(source, e.start)}: "
                                     "not UTF-8 text") from None
@@ -375,9 +483,10 @@ def _parse_tree(path: Path, source: bytes) -> ast.Module:
                                     f"(this is the file's longest line, {len(lines[longest]):,} characters)") from None
 
 
-def _walk_module(path: Path, tree: ast.Module, kind: str, placeholders: dict[str, memoryview]) -> ParsedFile:
+def _walk_module(path: Path, tree: ast.Module, kind: str, placeholders: dict[str, memoryview],
+                 limits: LoadLimits) -> ParsedFile:
     allowed = FILE_KINDS[kind]
-    walker = _Walker(path, placeholders)
+    walker = _Walker(path, placeholders, limits)
     parsed = ParsedFile(path)
     for index, stmt in enumerate(tree.body):
         if index == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
@@ -415,9 +524,11 @@ def _walk_module(path: Path, tree: ast.Module, kind: str, placeholders: dict[str
     return parsed
 
 
-def parse_file(path: str | Path, kind: str = "weights") -> ParsedFile:
+def parse_file(path: str | Path, kind: str = "weights", limits: LoadLimits | None = None) -> ParsedFile:
     """Parse and validate one file of a code checkpoint. `kind`: "weights" (weights.py and shared
-    cell files), "delta" (delta.py) or "literals" (config.py, vocab.py)."""
+    cell files), "delta" (delta.py) or "literals" (config.py, vocab.py). `limits`: the budgets
+    (default: `default_limits()`)."""
+    limits = limits if limits is not None else default_limits()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
@@ -427,9 +538,9 @@ def parse_file(path: str | Path, kind: str = "weights") -> ParsedFile:
         raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > (1 << 20) else path.read_bytes()
     skeleton, placeholders = _elide(raw)
     try:
-        parsed = _walk_module(path, _parse_tree(path, skeleton), kind, placeholders)
+        parsed = _walk_module(path, _parse_tree(path, skeleton, limits), kind, placeholders, limits)
     except _Misplaced:  # a long base85-looking string somewhere else: parse the file as it is
-        full = bytes(raw)
-        parsed = _walk_module(path, _parse_tree(path, full), kind, {})
+        del skeleton
+        parsed = _walk_module(path, _parse_tree(path, raw, limits), kind, {}, limits)
     parsed.buffer = raw
     return parsed

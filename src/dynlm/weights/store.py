@@ -48,6 +48,7 @@ from dynlm.weights.format import (
     Shared,
     as_float,
     cell_sha256,
+    check_payload_size,
     contiguous,
     decode_inline,
     decode_literal,
@@ -59,7 +60,7 @@ from dynlm.weights.format import (
     tensor_stats,
     write_pieces,
 )
-from dynlm.weights.safe_loader import ParsedFile, parse_file
+from dynlm.weights.safe_loader import LoadLimits, ParsedFile, default_limits, over_budget, parse_file
 
 Tensor = tuple[np.ndarray, str]  # (storage array shaped like the tensor, dtype name)
 
@@ -263,12 +264,14 @@ class CodeCheckpoint:
     against their cell's sha256. `shared_root` bounds where `Shared` cells may point (default:
     the folder that contains this checkpoint)."""
 
-    def __init__(self, path: str | Path, shared_root: str | Path | None = None, weights_file: str | Path | None = None):
+    def __init__(self, path: str | Path, shared_root: str | Path | None = None, weights_file: str | Path | None = None,
+                 limits: LoadLimits | None = None):
         self.path = Path(path)
+        self.limits = limits if limits is not None else default_limits()
         weights_file = Path(weights_file) if weights_file is not None else self.path / WEIGHTS_FILE
         if not weights_file.is_file():
             raise CheckpointError(f"{self.path}: no {WEIGHTS_FILE}; not a code checkpoint")
-        parsed = parse_file(weights_file, "weights")
+        parsed = parse_file(weights_file, "weights", self.limits)
         fmt, version = parsed.variables.get("FORMAT"), parsed.variables.get("VERSION")
         if (fmt, version) != (FORMAT_NAME, FORMAT_VERSION) and (fmt, version) != (None, None):
             raise CheckpointError(f"{weights_file}: FORMAT/VERSION are {fmt!r}/{version!r}; this dynlm reads "
@@ -281,6 +284,7 @@ class CodeCheckpoint:
         """A store over cells parsed elsewhere (the parts of a delta); Refs resolve in `folder`."""
         store = cls.__new__(cls)
         store.path = Path(folder)
+        store.limits = default_limits()
         store._setup(Path(source_file), cells, {}, None)
         return store
 
@@ -289,10 +293,19 @@ class CodeCheckpoint:
         self.weights_file = weights_file
         self.model_info: dict[str, Any] = model_info
         self.cells: dict[str, Cell] = {}
+        declared = 0
         for cell in cells:
             if cell.name in self.cells:
                 raise CheckpointError(f"{weights_file}: line {cell.lineno}: cell '{cell.name}' appears twice")
             self.cells[cell.name] = cell
+            try:  # every declared size against its payload, before anything is decoded or allocated
+                check_payload_size(cell.data, cell.numel, cell.dtype)
+            except PayloadError as e:
+                raise CheckpointError(f"{weights_file}: line {cell.lineno}: cell '{cell.name}': {e}") from None
+            declared += cell.nbytes
+        if declared > self.limits.tensor_bytes:
+            raise over_budget(weights_file, "bytes of tensors declared", declared, "tensor_bytes",
+                              self.limits.tensor_bytes)
         self.shared_root = Path(shared_root) if shared_root is not None else self.path.resolve().parent
         self.decode_count = 0  # payloads decoded (a Shared cell counts one)
         self._count_lock = threading.Lock()
@@ -303,7 +316,7 @@ class CodeCheckpoint:
     # -- metadata -------------------------------------------------------------------------------
     def literals(self, file: str) -> ParsedFile:
         if file not in self._literals:
-            self._literals[file] = parse_file(self.path / file, "literals")
+            self._literals[file] = parse_file(self.path / file, "literals", self.limits)
         return self._literals[file]
 
     @property
@@ -396,7 +409,8 @@ class CodeCheckpoint:
         if target.suffix != ".py" or not target.is_file():
             raise CheckpointError(f"{self.where(cell)}: Shared file '{payload.path}' is not an existing .py file")
         if target not in self._shared:  # a shared file may hold Refs next to itself, nothing further
-            self._shared[target] = CodeCheckpoint(target.parent, shared_root=target.parent, weights_file=target)
+            self._shared[target] = CodeCheckpoint(target.parent, shared_root=target.parent, weights_file=target,
+                                                  limits=self.limits)
         other = self._shared[target]
         if payload.name not in other.cells:
             raise CheckpointError(f"{self.where(cell)}: '{payload.path}' has no cell '{payload.name}'")
