@@ -181,7 +181,7 @@ def prescan(path: Path, source: bytes | mmap.mmap, limits: LoadLimits) -> int:
         levels = np.cumsum(_BRACKET[chunk], dtype=np.int32) + depth
         deepest = int(levels.max())
         if deepest > limits.depth + 1:  # the value of an assignment opens the first bracket
-            raise over_budget(path, "nesting depth", deepest - 1, "depth", limits.depth)
+            raise over_budget(path, "bracket depth", deepest, "depth", limits.depth)
         depth = int(levels[-1])
         # a statement ends at a newline or ';' outside brackets after at least one token
         ends = np.flatnonzero(_END[chunk] & (levels == 0))
