@@ -168,6 +168,10 @@ def prescan(path: Path, source: bytes | mmap.mmap, limits: LoadLimits) -> int:
     bare = np.frombuffer(text, np.uint8)
     tokens = statements = 0
     depth, previous_word, line_has_token = 0, False, False
+
+    def line(offset: int) -> int:  # only when refusing
+        return _line_of(source, start + offset)
+
     for start in range(0, bare.size, _SCAN_CHUNK):
         chunk = bare[start: start + _SCAN_CHUNK]
         word = _WORD[chunk]
@@ -175,27 +179,31 @@ def prescan(path: Path, source: bytes | mmap.mmap, limits: LoadLimits) -> int:
         token_start[1:] |= word[1:] & ~word[:-1]
         token_start[0] |= word[0] and not previous_word
         previous_word = bool(word[-1])
-        tokens += int(np.count_nonzero(token_start))
-        if tokens > limits.tokens:
-            raise over_budget(path, "Python tokens, at least", tokens, "tokens", limits.tokens)
+        seen = np.cumsum(token_start, dtype=np.int32)
+        if tokens + int(seen[-1]) > limits.tokens:
+            at = int(np.searchsorted(seen, limits.tokens - tokens + 1))
+            raise over_budget(path, "Python tokens, at least", tokens + int(seen[-1]), "tokens", limits.tokens,
+                              line(at))
+        tokens += int(seen[-1])
         levels = np.cumsum(_BRACKET[chunk], dtype=np.int32) + depth
-        deepest = int(levels.max())
-        if deepest > limits.depth + 1:  # the value of an assignment opens the first bracket
-            raise over_budget(path, "bracket depth", deepest, "depth", limits.depth)
+        if int(levels.max()) > limits.depth + 1:  # the value of an assignment opens the first bracket
+            at = int(np.argmax(levels > limits.depth + 1))
+            raise over_budget(path, "bracket depth", int(levels.max()), "depth", limits.depth, line(at))
         depth = int(levels[-1])
         # a statement ends at a newline or ';' outside brackets after at least one token
         ends = np.flatnonzero(_END[chunk] & (levels == 0))
-        seen = np.cumsum(token_start, dtype=np.int32)
         counts = seen[ends]
         if counts.size:
             nonempty = counts > np.concatenate([[0], counts[:-1]])
             nonempty[0] = counts[0] > 0 or line_has_token
+            if statements + int(np.count_nonzero(nonempty)) > limits.statements:
+                at = int(ends[np.flatnonzero(nonempty)[limits.statements - statements]])
+                raise over_budget(path, "top-level statements, at least", limits.statements + 1, "statements",
+                                  limits.statements, line(at))
             statements += int(np.count_nonzero(nonempty))
             line_has_token = bool(seen[-1] > counts[-1])
         else:
             line_has_token = line_has_token or bool(seen[-1] > 0)
-        if statements > limits.statements:
-            raise over_budget(path, "top-level statements", statements, "statements", limits.statements)
     return tokens
 
 
