@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,81 @@ def test_not_a_checkpoint(tmp_path: Path):
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError):
         dynlm.load_pretrained(tmp_path / "f.bin")
+
+
+# -- a save killed at any step ------------------------------------------------------------------
+
+# the file-system steps of a save; the child process dies just before the k-th one
+_STEPS = [("os", "replace"), ("os", "rename"), ("os", "mkdir"), ("shutil", "rmtree"), ("tempfile", "mkdtemp"),
+          ("dynlm.fileio", "exchange_paths"), ("dynlm.models.serialization", "save_file"),
+          ("pathlib", "Path.write_text"), ("pathlib", "Path.write_bytes")]
+
+
+def _count_steps(kill_at: int | None) -> list[int]:
+    """Patch every step to count itself (and `os._exit` when the count reaches `kill_at`)."""
+    import importlib
+
+    count = [0]
+    for module_name, attr in _STEPS:
+        owner = importlib.import_module(module_name)
+        if "." in attr:
+            owner, attr = getattr(owner, attr.split(".")[0]), attr.split(".")[1]
+        original = getattr(owner, attr)
+
+        def step(*args, __original=original, **kwargs):
+            count[0] += 1
+            if count[0] == kill_at:
+                os._exit(17)  # no cleanup, no finally blocks: as a power cut or SIGKILL
+            return __original(*args, **kwargs)
+
+        setattr(owner, attr, step)
+    return count
+
+
+def _save_in_child(model, path: Path, kill_at: int | None, exchange: bool, report: Path | None = None) -> int:
+    """Save `model` to `path` in a forked child killed before step `kill_at`; the exit code
+    (17: killed). Without `kill_at` the child writes its number of steps to `report`."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import dynlm.fileio as fileio
+
+            if not exchange:
+                fileio._renameat2 = None  # the two-rename fallback
+            count = _count_steps(kill_at)
+            save_checkpoint(model, path)
+            if report is not None:  # os.open / os.write are not among the counted steps
+                fd = os.open(report, os.O_WRONLY | os.O_CREAT)
+                os.write(fd, str(count[0]).encode())
+                os.close(fd)
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames-fallback"])
+def test_a_save_killed_at_any_step_leaves_a_loadable_checkpoint(tmp_path, exchange):
+    """Kill a save (os._exit in a forked child) just before each of its file-system steps in
+    turn: afterwards the checkpoint always loads, and holds exactly the old or the new weights."""
+    old = dynlm.build_model("standard-tiny", vocab_size=50, num_layers=1).eval()
+    new = dynlm.build_model("standard-tiny", vocab_size=50, num_layers=1).eval()
+    path = tmp_path / "ckpt"
+    save_checkpoint(old, tmp_path / "probe")  # how many steps a whole save over a checkpoint takes
+    assert _save_in_child(new, tmp_path / "probe", None, exchange, tmp_path / "steps") == 0
+    steps = int((tmp_path / "steps").read_text())
+    assert steps >= 5
+    outcomes = set()
+    for kill_at in range(1, steps + 1):
+        save_checkpoint(old, path)
+        assert _save_in_child(new, path, kill_at, exchange) == 17
+        loaded = dynlm.load_pretrained(path)  # recovers an interrupted fallback swap
+        state = loaded.state_dict()
+        if all(torch.equal(state[k], v) for k, v in old.state_dict().items()):
+            outcomes.add("old")
+        elif all(torch.equal(state[k], v) for k, v in new.state_dict().items()):
+            outcomes.add("new")
+        else:
+            pytest.fail(f"killed before step {kill_at}: the checkpoint holds neither the old nor the new weights")
+    assert outcomes == {"old", "new"}  # the kills landed both before and after the switch
+    save_checkpoint(new, path)  # the next save cleans up what the kills left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "probe", "steps"]
