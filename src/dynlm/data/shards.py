@@ -64,6 +64,9 @@ class TokenSplit:
     num_bytes: int  # UTF-8 bytes of the documents' text
     num_chars: int  # Unicode characters of the documents' text (bits per character)
     texts_file: Path = field(repr=False)
+    # what the tokens were made from (corpus, tokenizer, split fractions, split name): a resumed
+    # run's data position is only valid on the same fingerprint
+    fingerprint: str | None = None
 
     @property
     def num_docs(self) -> int:
@@ -161,7 +164,10 @@ def _load_splits(directory: Path, manifest: dict) -> dict[str, TokenSplit]:
                             f"{info['num_tokens']}", f"delete {directory} to rebuild it")
         out[name] = TokenSplit(name=name, tokens=tokens, doc_offsets=np.load(directory / info["doc_offsets_file"]),
                                num_bytes=info["num_bytes"],
-                               num_chars=info["num_chars"], texts_file=directory / info["texts_file"])
+                               num_chars=info["num_chars"], texts_file=directory / info["texts_file"],
+                               fingerprint=hashlib.sha256(json.dumps(
+                                   [manifest.get("corpus_fingerprint"), manifest.get("tokenizer_fingerprint"),
+                                    manifest.get("splits"), name]).encode()).hexdigest())
     return out
 
 

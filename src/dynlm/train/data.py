@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from dynlm.train.config import RunConfig
 
 
+def token_fingerprint(tokens: np.ndarray) -> str:
+    """sha256 of a token stream (its dtype, length and every token), read in chunks. Splits made by
+    `dynlm.data.shards` carry a fingerprint of their source instead (`TokenSplit.fingerprint`),
+    which costs nothing; this is for token arrays from elsewhere."""
+    h = hashlib.sha256(f"{tokens.dtype.str}:{len(tokens)}".encode())
+    for start in range(0, len(tokens), 1 << 24):
+        h.update(np.ascontiguousarray(tokens[start: start + (1 << 24)]).tobytes())
+    return h.hexdigest()
+
+
 class SequenceSampler:
     """Global batches of window start offsets into a token stream of `num_tokens` tokens.
 
@@ -29,7 +39,9 @@ class SequenceSampler:
     per epoch (labels == input_ids, shifted inside the model). Each epoch shifts the window grid by
     a random offset and shuffles the windows."""
 
-    def __init__(self, num_tokens: int, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, num_tokens: int, seq_len: int, batch_size: int, seed: int,
+                 corpus_fingerprint: str | None = None):
+        self.corpus_fingerprint = corpus_fingerprint  # of the token stream (`token_fingerprint`)
         if num_tokens < seq_len:
             raise DataError(f"the training split has {num_tokens} tokens, fewer than data.seq_len={seq_len}",
                             "use a larger corpus or a smaller seq_len")
@@ -66,11 +78,21 @@ class SequenceSampler:
     def epoch(self) -> float:
         return self.batches_drawn * self.batch_size / self.windows_per_epoch
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"batches_drawn": self.batches_drawn, "num_tokens": self.num_tokens, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed, "corpus_fingerprint": self.corpus_fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A data position is only meaningful on the token stream it was taken on: a checkpoint
+        whose corpus fingerprint differs from this run's is refused (checkpoints written before
+        fingerprints were recorded carry none and are accepted)."""
+        saved = state.get("corpus_fingerprint")
+        if saved is not None and self.corpus_fingerprint is not None and saved != self.corpus_fingerprint:
+            raise CheckpointError(
+                f"cannot resume: the training tokens changed since this checkpoint (corpus fingerprint "
+                f"{saved[:12]}..., now {self.corpus_fingerprint[:12]}...)",
+                "resume needs the same corpus, tokenizer and splits; to train further on other data start a new "
+                "run from the checkpoint: init_from=CHECKPOINT")
         for key in ("num_tokens", "seq_len", "batch_size", "seed"):
             if state.get(key) != getattr(self, key):
                 raise CheckpointError(f"cannot resume exactly: the checkpoint's data position was taken with "

@@ -30,6 +30,7 @@ from dynlm.distributed import DistContext
 from dynlm.errors import CheckpointError, DynlmError
 from dynlm.eval.evaluate import encode_documents, score_documents, summarize, text_spans
 from dynlm.train.checkpointing import (
+    TRAINING_INFO_FILE,
     capture_rng_state,
     link_directory,
     optimizer_state_from_files,
@@ -41,7 +42,7 @@ from dynlm.train.checkpointing import (
     step_dir_name,
 )
 from dynlm.train.config import RunConfig
-from dynlm.train.data import SequenceSampler, micro_batches
+from dynlm.train.data import SequenceSampler, micro_batches, token_fingerprint
 from dynlm.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 Callback = Callable[[str, "Trainer", dict[str, Any]], None]
@@ -223,7 +224,9 @@ class Trainer:
         # training loss -> bits per byte, estimated with the split's mean bytes per token (the
         # validation figure is exact)
         self.train_bytes_per_token = splits["train"].num_bytes / max(1, len(train_tokens))
-        self.sampler = SequenceSampler(len(train_tokens), self.seq_len, self.cfg.batch_size, self.cfg.seed)
+        fingerprint = getattr(splits["train"], "fingerprint", None) or token_fingerprint(train_tokens)
+        self.sampler = SequenceSampler(len(train_tokens), self.seq_len, self.cfg.batch_size, self.cfg.seed,
+                                       fingerprint)
         val_texts = text_spans(splits["val"].texts(), self.cfg.eval_bytes)
         self.val_documents = encode_documents(tokenizer, val_texts)
         self.val_bytes = sum(tokenizer.count_bytes(t) for t in val_texts)
@@ -281,9 +284,34 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_saved = checkpoint
         self.metrics.truncate_after(self.step)
+        self._adopt_newer_best()
         ranks = state["rng"]
-        restore_rng_state(ranks[self.ctx.rank if self.ctx.rank < len(ranks) else 0], self.device)
+        if len(ranks) == self.ctx.world_size:
+            restore_rng_state(ranks[self.ctx.rank], self.device)
+        else:
+            # Another number of processes: no rank's saved state is "this rank's". The documented
+            # rule (docs/training.md): every rank reseeds from (train.seed + step, rank), so the
+            # continuation is deterministic for a given world size, though not bit-identical to an
+            # uninterrupted run.
+            seed_everything(self.cfg.seed + self.step, self.ctx.rank)
+            self.say(f"note: {checkpoint} was written by {len(ranks)} process(es), this run has "
+                     f"{self.ctx.world_size}: RNG states reseeded from (train.seed + step, rank)")
         self.say(f"resumed from {checkpoint} at step {self.step}")
+
+    def _adopt_newer_best(self) -> None:
+        """`best/` may be newer than the checkpoint resumed from (a better evaluation was saved as
+        best/ after the last step checkpoint, then the run stopped): keep its figure, so that
+        the resumed run only replaces best/ with a model that beats it."""
+        info_file = self.run_dir / "best" / TRAINING_INFO_FILE
+        try:
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            return
+        bpb = (info.get("val") or {}).get("bpb")
+        if isinstance(bpb, (int, float)) and math.isfinite(bpb) and bpb < self.best_bpb:
+            self.best_bpb, self.best_step = float(bpb), int(info.get("step", self.step))
+            self.say(f"best/ (step {self.best_step}, {bpb:.4f} bits per byte) is newer than the checkpoint; "
+                     "it stays the figure to beat")
 
     def _state_dict_options(self) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
