@@ -1,4 +1,4 @@
-"""The model contract (DESIGN.md, "Conformance tests"), checked for every registered architecture.
+"""The model contract (docs/architecture.md, "Conformance rules"), checked for every registered architecture.
 
 A new architecture that registers itself and ships an `<arch>-tiny` preset is tested here
 automatically."""

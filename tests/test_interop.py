@@ -18,7 +18,7 @@ from dynlm.interop import convert, export_hf_checkpoint, load_gguf, load_hf_chec
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-TOLERANCE = 1e-4  # max |Δlogit| in fp32 (specs/standard.md)
+TOLERANCE = 1e-4  # max |Δlogit| in fp32 (docs/interop.md, "Parity")
 VOCAB = 300
 SEQ = 12
 

@@ -1,4 +1,4 @@
-"""MoD and DTF: the routing rules of specs/mod_dtf.md, the model contract, and a regression test
+"""MoD and DTF: the routing rules of docs/mod_dtf.md, the model contract, and a regression test
 showing that the checks catch the reference implementation's leaks (rows packed into one
 sequence, selected tokens kept in score order)."""
 

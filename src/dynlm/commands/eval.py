@@ -39,27 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _training_info(model_path: Path) -> dict:
-    path = model_path / "training.json"
-    if model_path.is_dir() and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {}
-    return {}
-
-
 def run(args: argparse.Namespace) -> int:
     import dynlm
     from dynlm.distributed import resolve_device, resolve_dtype
     from dynlm.eval import evaluate
+    from dynlm.weights.loading import read_training_info
 
     for name in ("seq_len", "stride", "max_bytes", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     model_path = Path(args.model)
-    info = _training_info(model_path)
+    info = read_training_info(model_path)  # every checkpoint form: the run's seq_len, corpus, splits
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = dynlm.load_pretrained(model_path, device=device)

@@ -4,7 +4,7 @@
     result = evaluate(model, tokenizer, ["some text", "another document"])
     result["bpb"], result["loss_nats"], result["ppl"]
 
-Units (specs/evaluation.md):
+Units (docs/evaluation.md, "Units"):
   loss_nats  total next-token loss over the scored tokens / number of scored tokens (nats/token)
   ppl        exp(loss_nats): per token, only comparable between models with the same tokenizer
   bpb        total loss in nats / (ln 2 * UTF-8 bytes of the scored text): the one unit that

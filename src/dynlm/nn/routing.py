@@ -2,7 +2,7 @@
 block on them only, scatter the result back; plus the causal router that decides per token when
 top-k over the whole sequence is not allowed (generation).
 
-Three rules the reference implementation broke (specs/mod_dtf.md), each enforced here:
+Three rules the reference implementation broke (docs/mod_dtf.md), each enforced here:
 1. route per row: tokens are gathered to [B, k, C] and attend only within their own row;
 2. selected indices are sorted by position before the block (a causal mask over score order
    would let tokens see the future), and the block gets the tokens' true positions for RoPE;
