@@ -120,3 +120,21 @@ def test_cli_command_is_torch_free(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines[0].split(",")) == 3 and json.loads(lines[1]) is True
+
+
+def test_numpy_run_flags_are_the_same_in_the_cli_and_the_module():
+    import argparse
+
+    from dynlm.cli import build_parser
+    from dynlm.weights.run_flags import add_numpy_run_arguments
+
+    def options(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {a.dest: (tuple(a.option_strings), a.default, a.type) for a in parser._actions if a.dest != "help"}
+
+    cli = build_parser()
+    weights = next(a for a in cli._subparsers._group_actions[0].choices["weights"]._actions
+                   if isinstance(a, argparse._SubParsersAction))
+    module = argparse.ArgumentParser()
+    add_numpy_run_arguments(module)
+    cli_options = {k: v for k, v in options(weights.choices["numpy-run"]).items() if k != "handler"}
+    assert cli_options == options(module)

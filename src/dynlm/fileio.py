@@ -3,7 +3,7 @@ renames it into place. Standard library only (every layer may import it).
 
     atomic_write_text(path, text)           # a reader sees the old file or the new one, never half
     with atomic_open(path) as f: ...        # stream bytes into it
-    atomic_write_json(path, value)          # json.dumps(value, indent=2) + a final newline
+    atomic_write_json(path, value)          # in the one JSON style dynlm writes (`json_text`)
     with atomic_directory(folder) as tmp:   # fill tmp; on success it becomes `folder`
         ...
 
@@ -90,9 +90,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
-    """`value` as JSON (UTF-8, non-ASCII kept, a final newline), written atomically."""
-    return atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+def json_text(value: Any) -> str:
+    """The one JSON style dynlm writes: 2-space indent, non-ASCII characters kept, a final
+    newline. Deterministic, so a JSON file written by dynlm can be rebuilt from its value byte for
+    byte (the code form relies on it)."""
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | Path, value: Any) -> Path:
+    """`value` as JSON in dynlm's style (`json_text`), written atomically."""
+    return atomic_write_text(path, json_text(value))
 
 
 def _old_siblings(directory: Path) -> list[Path]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dynlm.errors import ConfigError, DataError
+from dynlm.weights.run_flags import add_numpy_run_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,13 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=_find_neurons)
 
     c = cmds.add_parser("numpy-run", help="generate with NumPy only (torch is never imported)")
-    c.add_argument("path", help="code checkpoint folder")
-    c.add_argument("--prompt", default="", help="prompt text")
-    c.add_argument("--ids", help="prompt as comma-separated token ids instead of text")
-    c.add_argument("--max-new-tokens", type=int, default=32)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--seed", type=int)
+    add_numpy_run_arguments(c)  # the same flags as `python -m dynlm.weights.numpy_runtime`
     c.set_defaults(handler=_numpy_run)
 
     c = cmds.add_parser("clone", help="copy a model in code form, recording its parent")

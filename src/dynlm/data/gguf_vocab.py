@@ -10,13 +10,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from dynlm.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
 # llama.cpp token types (gguf.TokenType)
-_CONTROL, _USER_DEFINED = 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -80,8 +82,6 @@ _SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe":
 
 def _byte_level_pre_tokenizer(pre: str | None) -> Any:
     """The pre-tokenizer a byte-level vocabulary was trained with, from `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
     if pre in _SPLITS:
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -94,18 +94,19 @@ def _byte_level_pre_tokenizer(pre: str | None) -> Any:
     return byte_level
 
 
-def build_gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF file") -> Any:
-    """A `tokenizers.Tokenizer` (byte-level BPE) equal to the vocabulary stored in GGUF metadata
-    (`GGUFReader.fields`, or a dict of their values)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
+def build_gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF file") -> Tokenizer:
+    """A `tokenizers.Tokenizer` equal to the vocabulary stored in GGUF metadata (`GGUFReader.fields`,
+    or a dict of their values): byte-level BPE (`tokenizer.ggml.model` = gpt2) or SentencePiece
+    (llama)."""
     meta = GGUFMetadata(metadata, source)
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise DataError(f"{source}: the GGUF file has no tokenizer (tokenizer.ggml.model missing)")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(meta)
     if kind != "gpt2":
         raise DataError(f"{source}: GGUF tokenizer type '{kind}' is not supported",
-                        "dynlm reads byte-level BPE vocabularies (tokenizer.ggml.model = gpt2)")
+                        "dynlm reads byte-level BPE (gpt2) and SentencePiece (llama) vocabularies")
     tokens: list[str] = meta.require("tokenizer.ggml.tokens")
     merges: list[str] = meta.require("tokenizer.ggml.merges")
     token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -131,15 +132,63 @@ def build_gguf_tokenizer(metadata: Mapping[str, Any], source: str = "GGUF file")
         tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.post_processor = _bos_processor(meta, tokens, default=False) or processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(user_defined)
+    return tokenizer
+
+
+def _bos_processor(meta: GGUFMetadata, tokens: list[str], default: bool) -> Any:
+    """A post-processor adding BOS when the file asks for it (`tokenizer.ggml.add_bos_token`), else None."""
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if not meta.get("tokenizer.ggml.add_bos_token", default) or bos_id is None or not 0 <= bos_id < len(tokens):
+        return None
+    bos = tokens[bos_id]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, bos_id)])
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_tokenizer(meta: GGUFMetadata) -> Tokenizer:
+    """A SentencePiece vocabulary (llama.cpp's "llama" type: pieces, scores, token types) as a
+    `tokenizers` BPE that tokenizes as llama.cpp and sentencepiece do: spaces become "▁", one
+    is prepended to the text (`tokenizer.ggml.add_space_prefix`, default true), then the adjacent
+    pair whose joined piece has the highest score is merged, again and again; a character that is
+    no piece falls back to its UTF-8 bytes ("<0x41>" pieces). BPE merges ordered by the joined
+    piece's score (ties: by the pieces' ids) are that procedure."""
+    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
+    scores: list[float] = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if not len(tokens) == len(scores) == len(types):
+        raise DataError(f"{meta.source}: {len(tokens)} tokens, {len(scores)} scores and {len(types)} token types")
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    # every way to join two normal pieces into a third one, highest joined score first
+    normal = {token: index for index, token in enumerate(tokens) if types[index] == _NORMAL}
+    candidates = []
+    for piece, index in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                candidates.append((-scores[index], vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(candidates)]
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never", split=False)
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    processor = _bos_processor(meta, tokens, default=True)
+    if processor is not None:
+        tokenizer.post_processor = processor
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind in (_CONTROL, _UNKNOWN)])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
     return tokenizer
 
 

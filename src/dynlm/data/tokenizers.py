@@ -27,7 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dynlm.data.gguf_vocab import GGUFMetadata, build_gguf_tokenizer, open_gguf
 from dynlm.errors import CheckpointError, ConfigError, DataError
-from dynlm.fileio import atomic_write_text
+from dynlm.fileio import atomic_write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -95,7 +95,7 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, content in self.serialize().items():
-            atomic_write_text(directory / name, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_json(directory / name, content)
         return directory
 
     def fingerprint(self) -> str:
@@ -198,8 +198,11 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str | None = None, eos_token: str | None = None,
                  pad_token: str | None = None, chat_template: str | None = None,
-                 extra_eos_tokens: Sequence[str] = (), prepend_separator: bool = False):
+                 extra_eos_tokens: Sequence[str] = (), prepend_separator: bool = False, prefix_space: bool = False):
         self.backend = tokenizer
+        # SentencePiece's "dummy prefix": one space before every non-empty text, always (the
+        # backend's Metaspace would skip it when the text already starts with a space)
+        self.prefix_space = prefix_space
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_id = self._special_id(bos_token, "bos_token")
         self.eos_id = self._special_id(eos_token, "eos_token")
@@ -225,13 +228,16 @@ class HFTokenizer(Tokenizer):
     def eos_ids(self) -> list[int]:
         return super().eos_ids + [i for i in self._extra_eos_ids if i != self.eos_id]
 
+    def _prefixed(self, text: str) -> str:
+        return " " + text if self.prefix_space and text else text
+
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(self._prefixed(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # the Rust side encodes the batch on all cores; `_fast` skips the offsets we don't use
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        return [e.ids for e in encode([self._prefixed(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -257,6 +263,8 @@ class HFTokenizer(Tokenizer):
             config["chat_template"] = self.chat_template
         if self.extra_eos_tokens:
             config["dynlm_extra_eos_tokens"] = self.extra_eos_tokens
+        if self.prefix_space:
+            config["dynlm_prefix_space"] = True
         return {TOKENIZER_FILE: json.loads(self.backend.to_str()), TOKENIZER_CONFIG_FILE: config}
 
     @classmethod
@@ -281,7 +289,8 @@ class HFTokenizer(Tokenizer):
                     extra_eos.append(token)
         try:
             return cls(backend, **roles, chat_template=_read_chat_template(directory, config),
-                       extra_eos_tokens=extra_eos, prepend_separator=bool(config.get("add_bos_token", False)))
+                       extra_eos_tokens=extra_eos, prepend_separator=bool(config.get("add_bos_token", False)),
+                       prefix_space=bool(config.get("dynlm_prefix_space", False)))
         except DataError as e:
             raise DataError(f"{directory}: {e.message}", e.hint) from None
 
@@ -450,6 +459,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     except CheckpointError as e:
         raise DataError(e.message, e.hint) from None
 
+    sentencepiece = meta.get("tokenizer.ggml.model") == "llama"
+
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return None if index is None or not 0 <= index < len(tokens) else tokens[index]
@@ -457,7 +468,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str = "GGU
     return HFTokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"),
                        chat_template=meta.get("tokenizer.chat_template"),
                        extra_eos_tokens=[t for t in (token("eot"), token("eom")) if t is not None],
-                       prepend_separator=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+                       prepend_separator=bool(meta.get("tokenizer.ggml.add_bos_token", sentencepiece)),
+                       prefix_space=sentencepiece and bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
 
 
 def tokenizer_from_gguf(path: str | Path) -> HFTokenizer:

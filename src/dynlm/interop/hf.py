@@ -20,7 +20,7 @@ import torch
 from dynlm.checkpoint import finish_loading, model_state_dict, read_config, read_safetensors, write_safetensors
 from dynlm.config import model_config
 from dynlm.errors import CheckpointError
-from dynlm.fileio import atomic_directory
+from dynlm.fileio import atomic_directory, json_text
 from dynlm.models.standard import StandardModel
 
 if TYPE_CHECKING:
@@ -271,8 +271,8 @@ def export_hf_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any 
     with atomic_directory(directory) as tmp:
         # lm_head is left out when tied, as transformers does: it re-ties from the config
         write_safetensors(model_state_dict(model), tmp)  # sharded with an index when large
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        (tmp / "config.json").write_text(json_text(cfg))
+        (tmp / "generation_config.json").write_text(json_text(generation))
         if tokenizer is not None:
             tokenizer.save(tmp)
     return directory

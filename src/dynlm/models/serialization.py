@@ -8,7 +8,6 @@ importing the checkpoint layer above it (layers import one way; see docs/archite
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from dynlm.fileio import atomic_directory
+from dynlm.fileio import atomic_directory, json_text
 from dynlm.registry import get_architecture
 
 if TYPE_CHECKING:
@@ -82,8 +81,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                    "weight_map": weight_map}, indent=2))
+    (directory / INDEX_NAME).write_text(json_text({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = None,
@@ -104,11 +102,11 @@ def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = Non
                **hf_config_fields(config),
                "dynlm": {"format_version": FORMAT_VERSION, "architecture": model.architecture,
                          "config": config.to_dict()}}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json_text(cfg))
         if tokenizer is not None:
             tokenizer.save(tmp)
         if generation_config:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+            (tmp / "generation_config.json").write_text(json_text(generation_config))
         for name, data in (extra_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)

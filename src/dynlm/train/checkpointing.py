@@ -11,8 +11,8 @@
       last/                       the newest step checkpoint (hard links: no extra disk space)
       best/                       the best validation bits per byte so far (model + tokenizer only)
 
-Every directory is written to a temporary folder and renamed into place (`atomic_directory`), so
-a crash, a full disk or Ctrl-C in the middle of a save leaves the previous checkpoint intact.
+Every directory is written to a temporary folder that then takes its place (`atomic_directory`),
+so a crash, a full disk, a kill or Ctrl-C at any point of a save leaves a loadable checkpoint.
 No pickle: tensors in safetensors, everything else in JSON."""
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynlm.checkpoint import atomic_directory, read_safetensors, save_checkpoint
+from dynlm.checkpoint import read_config, read_safetensors, save_checkpoint
 from dynlm.errors import CheckpointError
+from dynlm.fileio import atomic_directory, json_text
 
 TRAINER_DIR = "trainer"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -113,7 +114,7 @@ def save_training_checkpoint(directory: Path, model: torch.nn.Module, tokenizer:
     resumed from; without them (best/) it is a model checkpoint only."""
 
     def write_extra(tmp: Path) -> None:
-        (tmp / TRAINING_INFO_FILE).write_text(json.dumps(training_info, indent=2) + "\n")
+        (tmp / TRAINING_INFO_FILE).write_text(json_text(training_info))
         if optimizer_state is None or trainer_state is None:
             return
         folder = tmp / TRAINER_DIR
@@ -121,7 +122,7 @@ def save_training_checkpoint(directory: Path, model: torch.nn.Module, tokenizer:
         tensors, groups = optimizer_state_to_files(optimizer_state)
         save_file(tensors, str(folder / OPTIMIZER_FILE), metadata={"format": "pt"})
         state = {"format_version": TRAINER_FORMAT_VERSION, **trainer_state, "optimizer_param_groups": groups}
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        (folder / STATE_FILE).write_text(json_text(state))
 
     return save_checkpoint(model, directory, tokenizer=tokenizer, state_dict=model_tensors, write_extra=write_extra)
 
@@ -193,8 +194,6 @@ def read_optimizer_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def validate_resumable(directory: Path) -> dict[str, Any]:
     """Read everything a resume needs (weights, optimizer, state) so a broken checkpoint is found
     before training starts. Returns the trainer state."""
-    from dynlm.checkpoint import read_config
-
     read_config(directory)
     read_safetensors(directory)
     state = read_trainer_state(directory)

@@ -22,6 +22,7 @@ import numpy as np
 
 from dynlm.errors import CheckpointError, DynlmError
 from dynlm.weights.format import as_float
+from dynlm.weights.run_flags import add_numpy_run_arguments
 from dynlm.weights.store import CodeCheckpoint, load_vocab_tokenizer
 
 SUPPORTED = ("standard",)
@@ -167,23 +168,13 @@ class NumpyLM:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dynlm.weights.numpy_runtime",
                                      description="Generate text from a code checkpoint with NumPy only (no torch).")
-    add_arguments(parser)
+    add_numpy_run_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)
     except DynlmError as e:
         sys.stderr.write(f"dynlm: error: {e}\n")
         return 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="code checkpoint folder")
-    parser.add_argument("--prompt", default="", help="prompt text")
-    parser.add_argument("--ids", help="prompt as comma-separated token ids instead of text")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int)
 
 
 def run(args: argparse.Namespace) -> int:

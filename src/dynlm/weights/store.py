@@ -164,15 +164,18 @@ def write_safetensors_numpy(path: Path, tensors: dict[str, Tensor], metadata: di
 # ---------------------------------------------------------------------------------------------
 # JSON files (config.json, tokenizer.json, ...) as Python literals that write back byte for byte
 
-_JSON_STYLES = [{"indent": indent, "ensure_ascii": ascii_, "newline": newline}
-                for indent in (2, None, 4) for ascii_ in (False, True) for newline in (True, False)]
+# dynlm writes JSON in one style (`dynlm.fileio.json_text`); a file in that style is rebuilt from
+# its value, any other (a foreign checkpoint's) keeps its exact text next to the value
+DYNLM_JSON_STYLE = {"indent": 2, "ensure_ascii": False, "newline": True}
 CONFIG_VARIABLES = {"config.json": "CONFIG", "generation_config.json": "GENERATION_CONFIG",
                     "model.safetensors.index.json": "SAFETENSORS_INDEX"}
 VOCAB_VARIABLES = {"tokenizer.json": "TOKENIZER", "tokenizer_config.json": "TOKENIZER_CONFIG",
                    "special_tokens_map.json": "SPECIAL_TOKENS_MAP"}
 
 
-def json_text(value: Any, style: dict[str, Any]) -> bytes:
+def styled_json(value: Any, style: dict[str, Any]) -> bytes:
+    """`value` in a recorded style (code checkpoints written before dynlm had one style recorded
+    others; they still read back exactly)."""
     text = json.dumps(value, indent=style["indent"], ensure_ascii=style["ensure_ascii"])
     return (text + ("\n" if style["newline"] else "")).encode("utf-8")
 
@@ -189,7 +192,7 @@ def json_files_module(files: dict[str, bytes], variables: dict[str, str], docstr
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{name}: not valid JSON ({e})") from None
         entry: dict[str, Any] = {"variable": variable, "sha256": hashlib.sha256(raw).hexdigest()}
-        style = next((s for s in _JSON_STYLES if json_text(value, s) == raw), None)
+        style = DYNLM_JSON_STYLE if styled_json(value, DYNLM_JSON_STYLE) == raw else None
         assignments.append((variable, value))
         if style is None:  # formatting we cannot reproduce: keep the exact text too
             entry["raw_variable"] = f"{variable}_TEXT"
@@ -218,13 +221,12 @@ def json_files_from(parsed: ParsedFile) -> dict[str, bytes]:
             raw = parsed.variables.get(raw_name)
             if not isinstance(raw, str):
                 raise CheckpointError(f"{parsed.path}: FILES entry '{name}' names a missing text '{raw_name}'")
-            out[name] = raw.encode("utf-8") if json.loads(raw) == value else \
-                json_text(value, {"indent": 2, "ensure_ascii": False, "newline": True})
+            out[name] = raw.encode("utf-8") if json.loads(raw) == value else styled_json(value, DYNLM_JSON_STYLE)
         else:
             style = entry.get("json")
             if not isinstance(style, dict) or set(style) != {"indent", "ensure_ascii", "newline"}:
                 raise CheckpointError(f"{parsed.path}: FILES entry '{name}' has no valid 'json' style")
-            out[name] = json_text(value, style)
+            out[name] = styled_json(value, style)
     return out
 
 
