@@ -5,6 +5,7 @@ fenced ```python blocks marked runnable; the `slow` test runs each documented co
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import subprocess
@@ -43,8 +44,25 @@ def dynlm_commands() -> list[tuple[str, str]]:
 COMMANDS = dynlm_commands()
 
 
-def test_docs_show_commands():
-    assert COMMANDS, "README/docs should show dynlm commands"
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_docs_show_every_command():
+    """Every command the CLI registers, and every action of a command that has actions (`dynlm
+    weights export`, ...), appears in at least one documented command line."""
+    shown = set()
+    for _, line in COMMANDS:
+        argv = shlex.split(line, comments=True)[1:]
+        shown.update({tuple(argv[:1]), tuple(argv[:2])})
+    missing = []
+    for name, parser in _subcommands(build_parser()).items():
+        missing += [] if (name,) in shown else [name]
+        missing += [f"{name} {action}" for action in _subcommands(parser) if (name, action) not in shown]
+    assert not missing, f"commands no README/docs page shows: {missing}"
 
 
 @pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
