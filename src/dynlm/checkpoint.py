@@ -40,29 +40,35 @@ if TYPE_CHECKING:
 # the writer lives with the models (`DynModel.save_pretrained` uses it); this module reads
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "INDEX_NAME", "DEFAULT_MAX_SHARD_BYTES", "hf_config_fields",
            "model_state_dict", "write_safetensors", "save_checkpoint", "atomic_directory", "recover_directory",
-           "read_safetensors", "read_config", "is_dynlm_checkpoint", "load_state_into", "finish_loading",
-           "load_checkpoint", "model_state_dict_shapes"]
+           "read_safetensors", "safetensors_files", "read_config", "is_dynlm_checkpoint", "load_state_into",
+           "finish_loading", "load_checkpoint", "model_state_dict_shapes"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint; errors name the file."""
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names, else
+    `model.safetensors`; errors name what is missing."""
     index = directory / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
     elif (directory / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
+        files = [directory / WEIGHTS_NAME]
     else:
         raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) in the checkpoint")
-    tensors: dict[str, torch.Tensor] = {}
-    for fname in files:
-        path = directory / fname
+    for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (named in {INDEX_NAME})")
+    return files
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint; errors name the file."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory):
         try:
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -61,27 +61,33 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """`model.safetensors`, or shards plus a Hugging Face index when over `max_shard_bytes`."""
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      weight_map: dict[str, str] | None = None) -> None:
+    """`model.safetensors`, or shards plus a Hugging Face index when over `max_shard_bytes`.
+    `weight_map` ({tensor: shard file}) reproduces given shards instead (an index is written
+    unless the map names `model.safetensors` alone). The index itself is written last, after
+    every shard it names."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total <= max_shard_bytes:
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if size + n > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    (directory / INDEX_NAME).write_text(json_text({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    if weight_map is None:
+        if total <= max_shard_bytes:
+            save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+            return
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if size + n > max_shard_bytes and groups[-1]:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += n
+        weight_map = {name: f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                      for i, group in enumerate(groups) for name in group}
+    for shard in dict.fromkeys(weight_map.values()):
+        save_file({k: tensors[k] for k, v in weight_map.items() if v == shard}, str(directory / shard),
+                  metadata={"format": "pt"})
+    if set(weight_map.values()) != {WEIGHTS_NAME}:
+        (directory / INDEX_NAME).write_text(json_text({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 def save_checkpoint(model: DynModel, directory: str | Path, tokenizer: Any = None,

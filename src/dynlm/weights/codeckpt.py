@@ -23,11 +23,11 @@ import torch
 from dynlm.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from dynlm.checkpoint import (
     INDEX_NAME,
-    WEIGHTS_NAME,
     finish_loading,
     is_dynlm_checkpoint,
     model_state_dict,
     model_state_dict_shapes,
+    safetensors_files,
     save_checkpoint,
     write_safetensors,
 )
@@ -110,16 +110,8 @@ def tensor_order(names: list[str]) -> list[str]:
 def read_checkpoint_dir(directory: Path) -> tuple[dict[str, Tensor], dict[str, bytes]]:
     """Tensors (storage arrays) and JSON files of a dynlm checkpoint directory."""
     files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.suffix == ".json"}
-    if INDEX_NAME in files:
-        shards = [directory / f for f in dict.fromkeys(json.loads(files[INDEX_NAME])["weight_map"].values())]
-    elif (directory / WEIGHTS_NAME).is_file():
-        shards = [directory / WEIGHTS_NAME]
-    else:
-        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}")
     tensors: dict[str, Tensor] = {}
-    for file in shards:
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing (named in {INDEX_NAME})")
+    for file in safetensors_files(directory):
         tensors.update(read_safetensors_arrays(file))
     return {n: tensors[n] for n in tensor_order(list(tensors))}, files
 
@@ -268,18 +260,12 @@ def import_code_checkpoint(code_dir: str | Path, out_dir: str | Path) -> Path:
     arrays = ckpt.arrays()
     tensors = {n: to_torch(a, ckpt.cells[n].dtype) for n, a in arrays.items()}
     files = ckpt.json_files()
+    weight_map = json.loads(files[INDEX_NAME])["weight_map"] if INDEX_NAME in files else None
+    for shard in set((weight_map or {}).values()):
+        if not re.match(r"^[A-Za-z0-9_.-]+\.safetensors$", shard):
+            raise CheckpointError(f"{code_dir}: bad shard name '{shard}' in SAFETENSORS_INDEX")
     with atomic_directory(Path(out_dir)) as tmp:
-        if INDEX_NAME in files:  # sharded: the same shards as the original
-            weight_map = json.loads(files[INDEX_NAME])["weight_map"]
-            from safetensors.torch import save_file
-
-            for shard in dict.fromkeys(weight_map.values()):
-                if not re.match(r"^[A-Za-z0-9_.-]+\.safetensors$", shard):
-                    raise CheckpointError(f"{code_dir}: bad shard name '{shard}' in SAFETENSORS_INDEX")
-                save_file({k: tensors[k] for k, v in weight_map.items() if v == shard}, str(tmp / shard),
-                          metadata={"format": "pt"})
-        else:
-            write_safetensors(tensors, tmp)
+        write_safetensors(tensors, tmp, weight_map=weight_map)  # sharded: the same shards as the original
         for name, data in files.items():
             (tmp / name).write_bytes(data)
     return Path(out_dir)
