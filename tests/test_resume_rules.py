@@ -11,20 +11,16 @@ import pytest
 from dynlm.errors import CheckpointError
 from dynlm.train import train
 from dynlm.train.data import SequenceSampler, token_fingerprint
+from test_train import tiny_run
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n" * 60
 
 
-def run_config(tmp_path, corpus, name="run", **train_overrides):
-    train_cfg = {"max_steps": 8, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "log_every": 4,
-                 "eval_every": 4, "save_every": 4, "eval_bytes": 512, "eval_batch_size": 4, "progress": False,
-                 "final_eval": [], "sample_prompt": None, "plot": False, "device": "cpu", "keep_last": 2}
-    train_cfg.update(train_overrides)
-    return {"model": {"preset": "standard-tiny", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                      "num_kv_heads": 1, "intermediate_size": 64},
-            "data": {"corpus": str(corpus), "tokenizer": "bytes", "seq_len": 32,
-                     "cache_dir": str(tmp_path / "cache")},
-            "train": train_cfg, "out_dir": str(tmp_path / "runs"), "run_name": name}
+def run_config(tmp_path, corpus):
+    """test_train's tiny run, with its own token cache (copied along with the run folder)."""
+    config = tiny_run(tmp_path, corpus)
+    config["data"]["cache_dir"] = str(tmp_path / "cache")
+    return config
 
 
 # each test below trains (or resumes) a tiny run: ~5 s apiece on one core
