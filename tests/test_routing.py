@@ -209,3 +209,17 @@ def test_causal_router_and_losses() -> None:
     assert router.in_proj.weight.grad.abs().sum() > 0
     ent = binary_entropy(torch.tensor([0.5, 0.0, 1.0]))
     torch.testing.assert_close(ent, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_layer_update_keeps_its_own_precision_in_bf16(layer: DecoderLayer) -> None:
+    """Routed layers scale the layer's update U, so U must be computed directly, not as
+    output - x: with bf16 activations far larger than U, `output - x` loses U to the rounding
+    of x (here it comes out as exactly 0) while U itself keeps bf16's relative precision."""
+    torch.manual_seed(8)
+    x = (torch.randn(2, 6, 32) * 200 + 1000).bfloat16()
+    cos, sin = rope(6)
+    reference = layer(x.float(), cos, sin)  # fp32 layer on the same inputs
+    update = layer.bfloat16()(x, cos.bfloat16(), sin.bfloat16(), None).float()
+    scale = reference.abs().max()
+    assert 0.1 < scale < 50  # an update far smaller than x (~1000)
+    assert (update - reference).abs().max() < 0.05 * scale
