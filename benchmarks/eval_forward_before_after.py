@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import dynlm
+from report_files import git_commit, write_report
 
 MODELS = ("standard-quick", "mod-quick", "dtf-quick")
 BEFORE_PACKAGE = "dynlm_before"
@@ -41,7 +42,8 @@ BEFORE_PACKAGE = "dynlm_before"
 
 def load_before(ref: str, root: Path) -> Any:
     """The `dynlm` package at git commit `ref`, importable as `dynlm_before`."""
-    archive = subprocess.run(["git", "archive", ref, "src/dynlm"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", ref, "src/dynlm"], capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     package = root / BEFORE_PACKAGE
@@ -61,10 +63,6 @@ def tokens_per_second(model: torch.nn.Module, x: torch.Tensor, iters: int) -> fl
     return iters * x.numel() / (time.perf_counter() - t0)
 
 
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git commit of the library before the change")
@@ -74,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--iters", type=int, default=3)
     args = parser.parse_args(argv)
-    before_commit = subprocess.run(["git", "rev-parse", args.before], capture_output=True, text=True,
-                                   check=True).stdout.strip()
+    before_commit = git_commit(args.before)
     report: dict[str, Any] = {
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "before_commit": before_commit, "after_commit": git_commit(),
@@ -107,16 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                                         "max_abs_logit_difference": difference,
                                         "repeats": args.repeats, "iters_per_repeat": args.iters}
             print(preset, json.dumps(report["models"][preset]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval_forward_before_after_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Evaluation forward before and after explicit caching (CPU)", "",
-             f"{report['device']}, torch {report['torch']}; before `{before_commit[:12]}`, after "
-             f"`{report['after_commit'][:12]}`; batch {args.batch} x {args.seq_len} tokens. {report['note']}.", "",
-             "| model | tokens/s after / before | max abs logit difference |", "|---|---|---|"]
-    for preset, row in report["models"].items():
-        lines.append(f"| {preset} | {row['tokens_per_s_after_over_before']:.2f} | "
-                     f"{row['max_abs_logit_difference']:.1e} |")
-    (args.out / "eval_forward_before_after_cpu.md").write_text("\n".join(lines) + "\n")
+    rows = [[preset, f"{row['tokens_per_s_after_over_before']:.2f}", f"{row['max_abs_logit_difference']:.1e}"]
+            for preset, row in report["models"].items()]
+    write_report(args.out, "eval_forward_before_after_cpu", report,
+                 "Evaluation forward before and after explicit caching (CPU)",
+                 f"{report['device']}, torch {report['torch']}; before `{before_commit[:12]}`, after "
+                 f"`{report['after_commit'][:12]}`; batch {args.batch} x {args.seq_len} tokens. {report['note']}.",
+                 ["model", "tokens/s after / before", "max abs logit difference"], rows)
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from report_files import git_commit, write_report
 
 # (name, hidden size, output widths of the fused group, tokens per step)
 SHAPES = [
@@ -90,14 +91,6 @@ def measure(hidden: int, widths: tuple[int, ...], tokens: int, compiled: bool, r
             "repeats": repeats, "iters_per_repeat": iters}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -116,16 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             report["results"].append({"shape": name, "hidden": hidden, "widths": list(widths), "tokens": tokens,
                                       "compiled": compiled, **row})
             print(json.dumps(report["results"][-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "projection_fusion_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Fused projections on CPU: training-step cost relative to separate matmuls", "",
-             f"{report['device']}, torch {report['torch']}, commit `{report['commit']}`. {report['note']}.", "",
-             "| shape | compiled | separate | cat per step | stored fused |", "|---|---|---|---|---|"]
-    for r in report["results"]:
-        ratio = r["ratio_to_separate"]
-        lines.append(f"| {r['shape']} ({r['tokens']} tokens) | {'yes' if r['compiled'] else 'no'} | 1.00 | "
-                     f"{ratio['cat_per_step']:.2f} | {ratio['stored_fused']:.2f} |")
-    (args.out / "projection_fusion_cpu.md").write_text("\n".join(lines) + "\n")
+    rows = [[f"{r['shape']} ({r['tokens']} tokens)", "yes" if r["compiled"] else "no", "1.00",
+             f"{r['ratio_to_separate']['cat_per_step']:.2f}", f"{r['ratio_to_separate']['stored_fused']:.2f}"]
+            for r in report["results"]]
+    write_report(args.out, "projection_fusion_cpu", report,
+                 "Fused projections on CPU: training-step cost relative to separate matmuls",
+                 f"{report['device']}, torch {report['torch']}, commit `{report['commit']}`. {report['note']}.",
+                 ["shape", "compiled", "separate", "cat per step", "stored fused"], rows)
     return 0
 
 
