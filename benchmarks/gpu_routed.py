@@ -251,7 +251,7 @@ def train_model(bench: Bench, model, train_tokens: torch.Tensor, starts: np.ndar
     seconds = time.perf_counter() - t0
     return {"steps": steps, "seconds": seconds, "ms_per_step": seconds / steps * 1e3,
             "tokens_per_s": steps * starts.shape[1] * seq / seconds, "loss_curve": curve,
-            "final_train_metrics": metrics}
+            "final_train_metrics": {key: float(value) for key, value in metrics.items()}}
 
 
 def evaluate_modes(bench: Bench, model, tokenizer, splits, seq: int, max_bytes: int) -> dict[str, Any]:
@@ -270,8 +270,8 @@ def evaluate_modes(bench: Bench, model, tokenizer, splits, seq: int, max_bytes: 
         model.eval()
         with torch.no_grad(), bench.autocast():
             metrics = model(val.view(8, seq)).metrics
-        out["causal_router_agreement"] = metrics["route/causal_acc"]
-        out["causal_router_fraction_routed"] = metrics["route/causal_frac"]
+        out["causal_router_agreement"] = float(metrics["route/causal_acc"])
+        out["causal_router_fraction_routed"] = float(metrics["route/causal_frac"])
     out["val_bytes"] = result["num_bytes"]
     return out
 

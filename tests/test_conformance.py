@@ -14,6 +14,8 @@ import torch
 import dynlm
 from dynlm.infer.generate import generate_ids
 from dynlm.models.base import causal_lm_loss
+from dynlm.models.dtf import DTFState
+from dynlm.nn import KVCache
 
 VOCAB = 97
 ARCHITECTURES = dynlm.list_architectures()
@@ -72,19 +74,45 @@ def test_causal_and_rows_independent(arch, mode):
     assert (other[1] - base[1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_caching_is_explicit(arch, mode):
+    """A plain forward returns no state in either mode; a state passed in is continued and
+    returned; use_cache=True starts one and returns it. The plain forward's logits are the same
+    as the cached one's."""
+    model = tiny(arch).train(mode == "train")
+    x = tokens(batch=2, length=10)
+    with torch.no_grad():
+        plain = model(x)
+        assert plain.state is None
+        cached = model(x, use_cache=True)
+        assert cached.state is not None
+        state = model.init_state(2)
+        passed = model(x, state=state)
+        assert passed.state is state
+    if mode == "eval":  # training routes by top-k over the sequence; the cached path by its mask
+        torch.testing.assert_close(cached.logits, plain.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(passed.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the returned state continues the sequence
+        more = model(x[:, :3], state=cached.state)
+    assert more.state is cached.state
+
+
+# chunk lengths fed one after another: a prefill, a second multi-token chunk while the cache is
+# non-empty, single tokens, then another multi-token chunk
+CHUNKS = (9, 4, 1, 1, 5)
+
+
 def test_streaming_equivalence(arch):
     model = tiny(arch).eval()
-    x = tokens(batch=2, length=20)
+    x = tokens(batch=2, length=sum(CHUNKS))
     with torch.no_grad():
         full = model(x).logits
-        state = model.init_state(2)
-        out = model(x[:, :9], state=state)
-        pieces = [out.logits]
-        state = out.state
-        for i in range(9, 20):
-            out = model(x[:, i: i + 1], state=state)
+        out = model(x[:, : CHUNKS[0]], use_cache=True)
+        pieces, start = [out.logits], CHUNKS[0]
+        for n in CHUNKS[1:]:
+            out = model(x[:, start: start + n], state=out.state)
             pieces.append(out.logits)
-            state = out.state
+            start += n
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -99,6 +127,19 @@ def test_greedy_decode_with_state_matches_full_forward(arch):
     assert torch.equal(ids, ref)
 
 
+def expected_state_nbytes(model, state, batch: int, consumed: int) -> int:
+    """Bytes a state holds after `consumed` tokens, from the config: a KV cache keeps K and V of
+    every layer for every position (fp32); DTF adds, per decision layer, the last <= ma_window
+    static surprises (fp32)."""
+    c = model.config
+    if isinstance(state, KVCache):
+        total = c.num_layers * 2 * batch * c.num_kv_heads * c.head_dim * consumed * 4
+        if isinstance(state, DTFState):
+            total += (c.num_layers // 2) * batch * min(consumed, c.ma_window) * 4
+        return total
+    raise AssertionError(f"no expected size for a {type(state).__name__} state")
+
+
 def test_state_size(arch):
     model = tiny(arch).eval()
     with torch.no_grad():
@@ -108,9 +149,10 @@ def test_state_size(arch):
         out = model(tokens(1, 40, seed=2), state=out.state)
         large = model.state_nbytes(out.state)
     if model.constant_state:
-        assert large == small, "a recurrent state must not grow with the tokens consumed"
+        assert small > 0 and large == small, "a recurrent state must not grow with the tokens consumed"
     else:
-        assert large > small, "a KV cache grows with context; state_nbytes must say so"
+        assert small == expected_state_nbytes(model, out.state, 1, 8)
+        assert large == expected_state_nbytes(model, out.state, 1, 48)
 
 
 def test_save_load_round_trip(arch, tmp_path: Path):

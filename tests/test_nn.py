@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dynlm.nn import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from dynlm.nn.attention import attention_mask
 
 
 def naive_rmsnorm(x, weight, eps):
@@ -69,8 +70,9 @@ def test_swiglu_matches_formula():
     torch.testing.assert_close(mlp(x), ref)
 
 
-def naive_attention(attn: Attention, x, positions, window=None):
-    """Loop over heads and positions; softmax over allowed keys."""
+def naive_attention(attn: Attention, x, positions, window=None, key_valid=None):
+    """Loop over rows, heads and positions; softmax over the allowed keys: earlier ones (within
+    the window) that are valid keys, and always the query's own."""
     b, t, _ = x.shape
     h, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     rope = RotaryEmbedding(d)
@@ -78,14 +80,22 @@ def naive_attention(attn: Attention, x, positions, window=None):
     q = apply_rotary(attn.q_proj(x).view(b, t, h, d).transpose(1, 2), cos, sin)
     k = apply_rotary(attn.k_proj(x).view(b, t, hk, d).transpose(1, 2), cos, sin)
     v = attn.v_proj(x).view(b, t, hk, d).transpose(1, 2)
-    out = torch.zeros(b, h, t, d)
-    for head in range(h):
-        kv = head // (h // hk)
-        for i in range(t):
-            allowed = [j for j in range(t) if j <= i and (window is None or j > i - window)]
-            scores = torch.stack([(q[:, head, i] * k[:, kv, j]).sum(-1) / math.sqrt(d) for j in allowed], -1)
-            weights = scores.softmax(-1)
-            out[:, head, i] = sum(weights[:, n: n + 1] * v[:, kv, j] for n, j in enumerate(allowed))
+    valid = torch.ones(b, t, dtype=torch.bool) if key_valid is None else key_valid
+    rows = []
+    for row in range(b):
+        heads = []
+        for head in range(h):
+            kv = head // (h // hk)
+            outs = []
+            for i in range(t):
+                allowed = [j for j in range(t) if j <= i and (window is None or j > i - window)
+                           and (bool(valid[row, j]) or j == i)]
+                scores = torch.stack([(q[row, head, i] * k[row, kv, j]).sum() / math.sqrt(d) for j in allowed])
+                weights = scores.softmax(-1)
+                outs.append(sum(weights[n] * v[row, kv, j] for n, j in enumerate(allowed)))
+            heads.append(torch.stack(outs))
+        rows.append(torch.stack(heads))
+    out = torch.stack(rows)  # [B, H, T, D]
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
 
@@ -102,18 +112,72 @@ def test_attention_matches_naive_reference(heads, kv_heads, bias, window):
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_attention_with_cache_equals_full(window):
+    """Chunks of several tokens after the cache is non-empty (prefill, then a second multi-token
+    chunk), then single tokens: the same as one call."""
     torch.manual_seed(0)
     attn = Attention(16, 4, 2, 8, sliding_window=window)
     rope = RotaryEmbedding(8)
-    x = torch.randn(2, 9, 16)
-    cos, sin = rope(torch.arange(9), x.dtype)
+    x = torch.randn(2, 11, 16)
+    cos, sin = rope(torch.arange(11), x.dtype)
     full = attn(x, cos, sin)
     cache = KVCache.allocate(1, 2, 2, 8, capacity=4).layers[0]  # small: forces the cache to grow
-    parts = [attn(x[:, :5], cos[:5], sin[:5], cache)]
-    for i in range(5, 9):
-        parts.append(attn(x[:, i: i + 1], cos[i: i + 1], sin[i: i + 1], cache))
+    parts = [attn(x[:, s], cos[s], sin[s], cache) for s in (slice(0, 5), slice(5, 8), slice(8, 9))]
+    torch.testing.assert_close(torch.cat(parts, 1), full[:, :9], atol=1e-5, rtol=1e-4)
+    parts.append(attn(x[:, 9:], cos[9:], sin[9:], cache))  # multi-token chunk after a single token
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
-    assert cache.length == 9 and cache.capacity >= 9
+    assert cache.length == 11 and cache.capacity >= 11
+
+
+# key validity per row: row 0 has no valid key before position 2, row 1 none before the last
+KEY_VALID = torch.tensor([[False, False, True, False, True, True, False],
+                          [False, False, False, False, False, False, True]])
+
+
+def test_attention_mask_gives_every_query_a_key():
+    """Every query row of the mask has an allowed key (its own), whatever the key validity: an
+    empty row is a softmax over nothing (NaN in the forward and, through dK/dV, the backward)."""
+    pos = torch.arange(7)
+    for window in (None, 2):
+        mask = attention_mask(pos, pos, window, KEY_VALID)  # [B, 1, T, T]
+        assert mask.any(-1).all()
+        assert torch.equal(mask.diagonal(dim1=-2, dim2=-1), torch.ones(2, 1, 7, dtype=torch.bool))
+        # earlier keys: exactly the valid ones (within the window)
+        earlier = mask & ~torch.eye(7, dtype=torch.bool)
+        causal = attention_mask(pos, pos, window) & ~torch.eye(7, dtype=torch.bool)
+        assert torch.equal(earlier, causal & KEY_VALID[:, None, None, :])
+
+
+@pytest.mark.parametrize("chunks", [None, (3, 2, 2), (1, 1, 5)])
+def test_masked_attention_matches_naive_reference_forward_and_backward(chunks):
+    """Key validity marks (routed layers) without a cache (training: outputs and gradients) and
+    through a cache fed in chunks (inference: outputs) equal the naive reference, finite for
+    queries with no valid earlier key."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 2, 8, qkv_bias=True)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    cos, sin = rope(torch.arange(7), x.dtype)
+    if chunks is None:
+        out = attn(x, cos, sin, key_valid=KEY_VALID)
+    else:
+        cache, parts, start = KVCache.allocate(1, 2, 2, 8, capacity=0).layers[0], [], 0
+        for n in chunks:
+            s = slice(start, start + n)
+            parts.append(attn(x[:, s], cos[s], sin[s], cache, key_valid=KEY_VALID[:, s]))
+            start += n
+        out = torch.cat(parts, 1)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = naive_attention(attn, x_ref, torch.arange(7), key_valid=KEY_VALID)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    if chunks is not None:
+        return  # the cache is written in place: an inference path, no backward through it
+    grads = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x_ref, *attn.parameters()])
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_key_valid_masks_skipped_tokens():
@@ -132,22 +196,3 @@ def test_cache_key_valid_masks_skipped_tokens():
     attn(x[:, keep], cos[keep], sin[keep], ref_cache)
     ref = attn(x[:, 3:], cos[3:], sin[3:], ref_cache)
     torch.testing.assert_close(last, ref, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_projections_equal_separate(bias, monkeypatch):
-    import dynlm.nn.linear as linear_mod
-
-    linears = [torch.nn.Linear(8, n, bias=bias) for n in (8, 4, 4)]
-    x = torch.randn(2, 3, 8)
-    fused = linear_mod.project(x, linears)  # grad enabled: one matmul
-    with torch.no_grad():
-        separate = linear_mod.project(x, linears)
-    monkeypatch.setattr(linear_mod, "FUSE_PROJECTIONS", False)
-    unfused = linear_mod.project(x, linears)
-    for a, b, c, lin in zip(fused, separate, unfused, linears):
-        torch.testing.assert_close(a, lin(x))
-        torch.testing.assert_close(b, lin(x))
-        torch.testing.assert_close(c, lin(x))
-    sum(t.sum() for t in fused).backward()
-    assert all(lin.weight.grad is not None for lin in linears)

@@ -1,5 +1,6 @@
 """The shared routing blocks (`dynlm.nn.routing`): selection, gather/scatter execution, the
-masked form used with the KV cache, the causal moving average and the causal router."""
+masked form used with the KV cache (NaN-free in both directions), the causal moving average and
+the causal router."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_gather_update_equals_block_on_the_subset(layer: DecoderLayer) -> None:
     out = gather_routed_update(layer, x, idx, weight, cos, sin)
     for row in range(b):
         pos = idx[row]
-        f = layer.residual(x[row : row + 1, pos], cos[pos], sin[pos])[0]  # the row's subset alone
+        f = layer(x[row : row + 1, pos], cos[pos], sin[pos])[0]  # the row's subset alone
         expected = x[row].clone()
         expected[pos] += weight[row, pos, None] * f
         torch.testing.assert_close(out[row], expected, atol=1e-5, rtol=1e-5)
@@ -109,6 +110,31 @@ def test_masked_update_equals_gather_update(layer: DecoderLayer) -> None:
     gathered = gather_routed_update(layer, x, idx, weight, cos, sin)
     masked = masked_routed_update(layer, x, indices_to_mask(idx, t), weight, cos, sin, cache=None)
     torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_update_is_nan_free_forward_and_backward(layer: DecoderLayer) -> None:
+    """Unequal masks in training (no cache): tokens with no selected token at or before them have
+    no valid key but their own. The forward is finite, equals the update on each row's selected
+    tokens alone, and the backward is finite too."""
+    torch.manual_seed(7)
+    b, t = 3, 10
+    x = torch.randn(b, t, 32, requires_grad=True)
+    cos, sin = rope(t)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[0, [6, 8]] = True  # positions 0-5 of row 0 precede every key
+    mask[1, 9] = True  # only the last token of row 1
+    mask[2, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]] = True
+    weight = torch.rand(b, t)
+    out = masked_routed_update(layer, x, mask, weight, cos, sin, cache=None)
+    assert torch.isfinite(out).all()
+    for row in range(b):
+        pos = mask[row].nonzero().squeeze(-1)
+        expected = x[row].detach().clone()
+        expected[pos] += weight[row, pos, None] * layer(x[row : row + 1, pos], cos[pos], sin[pos])[0].detach()
+        torch.testing.assert_close(out[row].detach(), expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
 def test_masked_update_with_cache_streams(layer: DecoderLayer) -> None:
@@ -141,10 +167,10 @@ def test_skip_block_adds_invalid_positions(layer: DecoderLayer) -> None:
     assert cache.length == 4 and cache.valid[:, 3].eq(False).all() and cache.valid[:, :3].all()
     # the next token attends to the three earlier keys only: same as if position 3 never existed
     nxt = torch.randn(2, 1, 32)
-    with_skip = layer.residual(nxt, cos[4:5], sin[4:5], cache, key_valid=torch.ones(2, 1, dtype=torch.bool))
+    with_skip = layer(nxt, cos[4:5], sin[4:5], cache, key_valid=torch.ones(2, 1, dtype=torch.bool))
     reference = LayerKVCache()
     masked_routed_update(layer, x, mask, torch.ones(2, 3), cos[:3], sin[:3], reference)
-    keys_only = layer.residual(nxt, cos[4:5], sin[4:5], reference, key_valid=torch.ones(2, 1, dtype=torch.bool))
+    keys_only = layer(nxt, cos[4:5], sin[4:5], reference, key_valid=torch.ones(2, 1, dtype=torch.bool))
     torch.testing.assert_close(with_skip, keys_only, atol=1e-5, rtol=1e-5)
 
 
@@ -183,3 +209,17 @@ def test_causal_router_and_losses() -> None:
     assert router.in_proj.weight.grad.abs().sum() > 0
     ent = binary_entropy(torch.tensor([0.5, 0.0, 1.0]))
     torch.testing.assert_close(ent, torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_layer_update_keeps_its_own_precision_in_bf16(layer: DecoderLayer) -> None:
+    """Routed layers scale the layer's update U, so U must be computed directly, not as
+    output - x: with bf16 activations far larger than U, `output - x` loses U to the rounding
+    of x (here it comes out as exactly 0) while U itself keeps bf16's relative precision."""
+    torch.manual_seed(8)
+    x = (torch.randn(2, 6, 32) * 200 + 1000).bfloat16()
+    cos, sin = rope(6)
+    reference = layer(x.float(), cos, sin)  # fp32 layer on the same inputs
+    update = layer.bfloat16()(x, cos.bfloat16(), sin.bfloat16(), None).float()
+    scale = reference.abs().max()
+    assert 0.1 < scale < 50  # an update far smaller than x (~1000)
+    assert (update - reference).abs().max() < 0.05 * scale

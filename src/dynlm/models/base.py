@@ -21,7 +21,8 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # mean next-token cross-entropy in nats (labels given)
     aux_loss: torch.Tensor | None = None  # weighted auxiliary losses; NOT included in `loss`
     state: Any = None  # state after the last position; pass back to continue
-    metrics: dict[str, float] = field(default_factory=dict)
+    # scalar tensors (no host sync in the forward); read them (`float(v)`) only when logging
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -35,8 +36,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 class DynModel(nn.Module):
     """Base class of every architecture.
 
-    out = model(input_ids [B, T], labels=None, state=None) -> ModelOutput
+    out = model(input_ids [B, T], labels=None, state=None, use_cache=False) -> ModelOutput
     state = model.init_state(batch_size, device=..., dtype=...)
+
+    Caching is explicit. A plain forward (no state, use_cache=False) allocates no state, whatever
+    the train/eval mode, and returns `out.state = None`. Passing a state continues it (updated
+    in place and returned as `out.state`); `use_cache=True` without a state starts a fresh one
+    and returns it. Recurrent architectures follow the same rule.
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
@@ -53,7 +59,7 @@ class DynModel(nn.Module):
 
     # -- contract -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                state: Any = None) -> ModelOutput:  # pragma: no cover - abstract
+                state: Any = None, use_cache: bool = False) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,

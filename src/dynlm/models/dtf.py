@@ -37,7 +37,7 @@ from torch import nn
 
 from dynlm.config import ModelConfig
 from dynlm.errors import ConfigError
-from dynlm.models.mod import RoutedTransformerLM
+from dynlm.models.routed import RoutedTransformerLM
 from dynlm.models.standard import DecoderLayer
 from dynlm.nn import KVCache, RMSNorm, SwiGLU
 from dynlm.nn.routing import CausalRouter, binary_entropy, causal_moving_average
@@ -180,7 +180,7 @@ class DTFModel(RoutedTransformerLM):
         statistics, surprise statistics [6] or None when decoding)."""
         c = self.config
         decision, dynamic = self.model.layers[i], self.model.layers[i + 1]
-        update = decision.residual(x, cos, sin, None if state is None else state.layers[i])  # U = Block(H)
+        update = decision(x, cos, sin, None if state is None else state.layers[i])  # U = Block(H)
         prior_update = decision.prior(decision.prior_norm(x.detach()))  # H_prior - H
         prior_loss = F.mse_loss(prior_update.float(), update.detach().float())
         d_st = mean_square(update)  # [B, T]

@@ -24,7 +24,7 @@ class StandardConfig(ModelConfig):
 
 
 class DecoderLayer(nn.Module):
-    """x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
+    """x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x)), returned as one update (see `forward`)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -35,16 +35,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 cache: LayerKVCache | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """f(x) such that the layer's output is x + f(x) (routed layers scale or skip it)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, key_valid)
-        return h + self.mlp(self.post_attention_layernorm(h)) - x
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+                cache: LayerKVCache | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> the layer's residual update U [B, T, C]: its output is x + U. Returning U
+        lets routed layers scale it (x + w * U) with no `output - x` rounding."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, key_valid)  # [B, T, C]
+        return attn + self.mlp(self.post_attention_layernorm(x + attn))
 
 
 class DecoderBody(nn.Module):
@@ -81,13 +77,16 @@ class TransformerLM(DynModel):
                    positions: torch.Tensor, state: KVCache | None) -> tuple[torch.Tensor, dict[str, Any]]:
         """x: [B, T, C] -> [B, T, C], plus extras (aux losses, metrics)."""
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None if state is None else state.layers[i])
+            x = x + layer(x, cos, sin, None if state is None else state.layers[i])
         return x, {}
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                state: KVCache | None = None) -> ModelOutput:
+                state: KVCache | None = None, use_cache: bool = False) -> ModelOutput:
+        """Without `state` and `use_cache`, a plain causal forward over positions 0..T-1 (no cache
+        allocated, SDPA's causal kernel). With `state` the T tokens continue it (it is updated in
+        place and returned); `use_cache=True` starts a fresh one and returns it."""
         b, t = input_ids.shape
-        if state is None and not self.training:
+        if state is None and use_cache:
             state = self.init_state(b, device=input_ids.device)
         start = 0 if state is None else state.position
         positions = torch.arange(start, start + t, device=input_ids.device)  # [T]

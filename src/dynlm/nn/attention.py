@@ -3,13 +3,14 @@ mask allows), optional q/k/v bias, optional sliding window, KV cache."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dynlm.nn.cache import LayerKVCache
-from dynlm.nn.linear import project
 from dynlm.nn.rope import apply_rotary
 
 # With a KV cache the key length changes at every step. cuDNN's attention builds a new execution
@@ -25,12 +26,18 @@ def attention_mask(
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask, True = may attend. q_positions: [Tq] or [B, Tq], k_positions: [Tk] or [B, Tk];
-    valid: [B, Tk] key validity. Returns [Tq, Tk] or [B, 1, Tq, Tk]."""
+    valid: [B, Tk] key validity. Returns [Tq, Tk] or [B, 1, Tq, Tk].
+
+    A query always sees its own key, valid or not: every row of the mask then has a True entry,
+    so softmax never runs over an empty row (NaN in the forward and, through dK/dV, in the
+    backward). A token that is not a key for later queries still gets a finite output of its own;
+    routed layers drop that output."""
     mask = k_positions.unsqueeze(-2) <= q_positions.unsqueeze(-1)
     if window is not None:
         mask = mask & (k_positions.unsqueeze(-2) > q_positions.unsqueeze(-1) - window)
     if valid is not None:
-        mask = mask & valid.unsqueeze(-2)
+        own = k_positions.unsqueeze(-2) == q_positions.unsqueeze(-1)
+        mask = mask & (valid.unsqueeze(-2) | own)
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     return mask
@@ -64,35 +71,28 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, C]; cos/sin: [T, D] or [B, T, D] for the tokens' true positions.
         Without a cache, x is a causal sequence (tokens in position order). With a cache, the T
-        new tokens follow the `cache.length` cached ones; `key_valid` [B, T] marks which new
-        tokens become keys (routed layers)."""
+        new tokens follow the `cache.length` cached ones. `key_valid` [B, T] marks which new
+        tokens become keys for later queries (routed layers; with a cache the marks are kept).
+        Without a window, key marks or earlier cached keys, attention is SDPA's `is_causal` path
+        (flash on CUDA)."""
         b, t, _ = x.shape
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        mask, valid = None, None
-        if cache is None:
-            if self.sliding_window is not None:
-                pos = torch.arange(t, device=x.device)
-                mask = attention_mask(pos, pos, self.sliding_window)
-        else:
+        start, valid = 0, key_valid
+        if cache is not None:
             start = cache.length
-            k, v, valid = cache.append(k, v, key_valid)
-            if t > 1 or self.sliding_window is not None or valid is not None:
-                q_pos = torch.arange(start, start + t, device=x.device)
-                k_pos = torch.arange(start + t, device=x.device)
-                mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
-        is_causal = cache is None and mask is None
+            k, v, valid = cache.append(k, v, key_valid)  # [B, Hkv, start + T, D], [B, start + T] or None
+        mask = None
+        if self.sliding_window is not None or valid is not None or (start > 0 and t > 1):
+            q_pos = torch.arange(start, start + t, device=x.device)
+            k_pos = torch.arange(start + t, device=x.device)
+            mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
+        # start > 0, t == 1, no mask: the one new query sees every cached key
+        is_causal = mask is None and start == 0
         gqa = self.num_kv_heads != self.num_heads
-        if cache is None:
+        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if cache is not None else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
-        else:
-            with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        if valid is not None:
-            # a query with no valid key at all gets NaN from softmax; its output is 0 instead
-            y = torch.where(mask.any(-1, keepdim=True), y, torch.zeros((), dtype=y.dtype, device=y.device))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

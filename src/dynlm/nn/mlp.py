@@ -4,8 +4,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynlm.nn.linear import project
-
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases (Qwen2/Llama MLP)."""
@@ -17,5 +15,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, [self.gate_proj, self.up_proj])
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
