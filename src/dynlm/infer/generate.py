@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer.sampling import SamplingConfig, select_next
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingConfig)}
@@ -53,6 +53,11 @@ def iter_token_steps(
         raise ConfigError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and input_ids.size(1) + max_new_tokens > limit:
+        raise ContextLengthError(f"{input_ids.size(1)} prompt tokens + {max_new_tokens} new tokens = "
+                                 f"{input_ids.size(1) + max_new_tokens} positions, past the model's "
+                                 f"max_position_embeddings {limit}", "shorten the prompt or lower max_new_tokens")
     was_training = model.training
     model.eval()
     try:

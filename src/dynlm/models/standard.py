@@ -89,8 +89,8 @@ class TransformerLM(DynModel):
         b, t = input_ids.shape
         if state is None and not self.training:
             state = self.init_state(b, device=input_ids.device)
-        start = 0 if state is None else state.position
-        positions = torch.arange(start, start + t, device=input_ids.device)  # [T]
+        positions = (torch.arange(t, device=input_ids.device) if state is None
+                     else state.next_positions(t, input_ids.device))  # [T]
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
         cos, sin = self.rotary(positions, x.dtype)  # [T, D]
         x, extras = self.run_layers(x, cos, sin, positions, state)

@@ -64,7 +64,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, C]; cos/sin: [T, D] or [B, T, D] for the tokens' true positions.
         Without a cache, x is a causal sequence (tokens in position order). With a cache, the T
-        new tokens follow the `cache.length` cached ones; `key_valid` [B, T] marks which new
+        new tokens follow the cached ones (`cache.update` keeps the positions); `key_valid` [B, T] marks which new
         tokens become keys (routed layers)."""
         b, t, _ = x.shape
         q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
@@ -79,11 +79,8 @@ class Attention(nn.Module):
                 pos = torch.arange(t, device=x.device)
                 mask = attention_mask(pos, pos, self.sliding_window)
         else:
-            start = cache.length
-            k, v, valid = cache.append(k, v, key_valid)
+            k, v, q_pos, k_pos, valid = cache.update(k, v, key_valid, self.sliding_window)
             if t > 1 or self.sliding_window is not None or valid is not None:
-                q_pos = torch.arange(start, start + t, device=x.device)
-                k_pos = torch.arange(start + t, device=x.device)
                 mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
         is_causal = cache is None and mask is None
         gqa = self.num_kv_heads != self.num_heads
