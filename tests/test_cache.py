@@ -8,6 +8,7 @@ import torch
 import dynlm
 from dynlm.errors import ContextLengthError
 from dynlm.infer.generate import generate_ids
+from dynlm.infer.graphs import batch_bucket, graph_decoder
 from dynlm.nn import Attention, KVCache, RotaryEmbedding
 from dynlm.nn.cache import LayerKVCache, StaticLayerKVCache
 
@@ -114,3 +115,17 @@ def test_generation_refuses_contexts_past_max_positions():
     with pytest.raises(ContextLengthError, match="20 prompt tokens \\+ 13 new tokens = 33 positions, past the "
                                                  "model's max_position_embeddings 32"):
         generate_ids(model, prompt, max_new_tokens=13)
+
+
+@pytest.mark.parametrize("arch,overrides", [("standard", {"sliding_window": 5}), ("mod", {}), ("dtf", {})])
+def test_static_decoder_generates_the_eager_tokens(arch, overrides):
+    """The generation engine on the static cache (what CUDA captures; eager on a CPU) gives the
+    eager path's greedy tokens, with 3 distinct prompts padded to a batch bucket of 4."""
+    model = dynlm.build_model(f"{arch}-tiny", vocab_size=97, **overrides).eval()
+    prompts = torch.randint(0, 97, (3, 7))
+    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
+    static = generate_ids(model, prompts, max_new_tokens=12, graphs=True)
+    assert torch.equal(static, eager)
+    decoder = graph_decoder(model)
+    assert decoder.session.state.layers[0].k.shape[0] == batch_bucket(3) == 4
+    assert decoder.eager_steps == 11 and decoder.graph_steps == 0  # nothing is captured on a CPU
