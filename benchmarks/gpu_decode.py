@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend
 
 import dynlm
+import dynlm.nn.attention as attention
 from dynlm.infer.graphs import GraphDecoder
 
 BANDWIDTH = 4.8e12  # H200 datasheet bytes/s (the floor's denominator; a lead, not a measurement)
@@ -164,6 +166,12 @@ def main() -> None:
             eager = ours(model, prompts, new_tokens, graphs=False)
             row["same_tokens"] = float((graphed.pop("tokens") == eager.pop("tokens")).float().mean())
             row["dynlm_graphs"], row["dynlm_eager"] = graphed, eager
+            # the same graphs with cached attention forced onto the math kernel (cuBLAS matmuls)
+            default_backends = attention.CACHED_ATTENTION_BACKENDS
+            attention.CACHED_ATTENTION_BACKENDS = [SDPBackend.MATH]
+            row["dynlm_graphs_math_attention"] = ours(model, prompts, new_tokens, graphs=True)
+            row["dynlm_graphs_math_attention"].pop("tokens")
+            attention.CACHED_ATTENTION_BACKENDS = default_backends
             if reference is not None:
                 row["hf_generate"] = hf(reference, prompts, new_tokens, static=False)
             rows.append(row)
@@ -201,10 +209,11 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{result.get('transformers', '-')}, commit {result['commit']}, {result['time']}. Random weights in "
              f"{result['dtype'].removeprefix('torch.')}, greedy, distinct random prompts per row; decode tokens/s "
              "excludes prefill. Floor: bytes read per step (weights + KV cache) / 4.8 TB/s (datasheet).", "",
-             "| model | batch | context | dynlm graphs tok/s | ms/step | dynlm eager tok/s | graphs / eager "
+             "| model | batch | context | dynlm graphs tok/s | ms/step | graphs, math attention tok/s "
+             "| dynlm eager tok/s | graphs / eager "
              "| transformers generate tok/s | graphs / transformers | transformers static+compile tok/s "
              "| floor ms/step | same tokens graphs vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         g, e = r["dynlm_graphs"], r["dynlm_eager"]
         h = r.get("hf_generate")
@@ -212,7 +221,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         s_text = "-" if s is None else (s["error"][:60] if "error" in s else f"{s['decode_tokens_per_s']:,.1f}")
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['context']:,} | {g['decode_tokens_per_s']:,.1f} "
-            f"| {g['ms_per_step']:.2f} "
+            f"| {g['ms_per_step']:.2f} | {r['dynlm_graphs_math_attention']['decode_tokens_per_s']:,.1f} "
             f"| {e['decode_tokens_per_s']:,.1f} | {g['decode_tokens_per_s'] / e['decode_tokens_per_s']:.1f}x "
             f"| {'-' if h is None else format(h['decode_tokens_per_s'], ',.1f')} "
             f"| {'-' if h is None else format(g['decode_tokens_per_s'] / h['decode_tokens_per_s'], '.1f') + 'x'} "

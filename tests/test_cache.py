@@ -10,6 +10,7 @@ from dynlm.errors import ContextLengthError
 from dynlm.infer.generate import generate_ids
 from dynlm.infer.graphs import batch_bucket, graph_decoder
 from dynlm.nn import Attention, KVCache, RotaryEmbedding
+from dynlm.nn.attention import grouped_query_attention
 from dynlm.nn.cache import LayerKVCache, StaticLayerKVCache
 
 # chunk sizes fed one after another: a prompt, single tokens, then a second multi-token chunk
@@ -129,3 +130,14 @@ def test_static_decoder_generates_the_eager_tokens(arch, overrides):
     decoder = graph_decoder(model)
     assert decoder.session.state.layers[0].k.shape[0] == batch_bucket(3) == 4
     assert decoder.eager_steps == 11 and decoder.graph_steps == 0  # nothing is captured on a CPU
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "2d", "4d"])
+def test_grouped_query_attention_equals_expanded_heads(mask_kind):
+    """Folding the query heads of a key head into query rows gives `enable_gqa` attention."""
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = {"none": None, "2d": torch.rand(3, 5) > 0.3, "4d": torch.rand(2, 1, 3, 5) > 0.3}[mask_kind]
+    if mask is not None:
+        mask[..., 0] = True  # every query sees a key
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-4)

@@ -36,6 +36,23 @@ def attention_mask(
     return mask
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, Hkv, Tk, D] (H a multiple of Hkv) without
+    expanding k and v to H heads: the G = H / Hkv query heads sharing a key head become G*T query
+    rows of that head, so each cached key is read once per key head, not G times (decoding reads
+    the whole cache at every step). mask: None, [T, Tk] or [B, 1, T, Tk] (True = may attend)."""
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(b, k.shape[1], groups * t, d)  # rows ordered (head in group, position)
+    if mask is not None:
+        mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
+    return y.view(b, h, t, d)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -64,8 +81,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, C]; cos/sin: [T, D] or [B, T, D] for the tokens' true positions.
         Without a cache, x is a causal sequence (tokens in position order). With a cache, the T
-        new tokens follow the cached ones (`cache.update` keeps the positions); `key_valid` [B, T] marks which new
-        tokens become keys (routed layers)."""
+        new tokens follow the cached ones (`cache.update` keeps their positions); `key_valid`
+        [B, T] marks which new tokens become keys (routed layers)."""
         b, t, _ = x.shape
         q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -80,7 +97,7 @@ class Attention(nn.Module):
                 mask = attention_mask(pos, pos, self.sliding_window)
         else:
             k, v, q_pos, k_pos, valid = cache.update(k, v, key_valid, self.sliding_window)
-            if t > 1 or self.sliding_window is not None or valid is not None:
+            if t > 1 or self.sliding_window is not None or valid is not None or cache.fixed_shape:
                 mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
         is_causal = cache is None and mask is None
         gqa = self.num_kv_heads != self.num_heads
@@ -88,7 +105,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         else:
             with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                y = grouped_query_attention(q, k, v, mask)
         if valid is not None:
             # a query with no valid key at all gets NaN from softmax; its output is 0 instead
             y = torch.where(mask.any(-1, keepdim=True), y, torch.zeros((), dtype=y.dtype, device=y.device))

@@ -177,6 +177,7 @@ class StaticLayerKVCache:
         self.slot_positions = torch.full((slots,), EMPTY_SLOT, dtype=torch.long, device=device)
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
         self.length = 0  # host copy of `cursor`; a graph replay leaves it to the caller
+        self.masked = False  # True once some key was marked invalid (routed layers)
 
     @property
     def capacity(self) -> int:
@@ -188,37 +189,43 @@ class StaticLayerKVCache:
         self.slot_positions.fill_(EMPTY_SLOT)
         self.cursor.zero_()
         self.length = 0
+        self.masked = False
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                window: int | None = None) -> CacheUpdate:
         """As `LayerKVCache.update`; keys and values are the whole buffer (unwritten slots sit at
         position EMPTY_SLOT, after every query), or for a multi-token chunk into a ring the ring
-        followed by the chunk."""
-        b, t = k.shape[0], k.shape[2]
+        followed by the chunk. Key validity is kept only once a caller has passed some (a routed
+        layer passes it at every call), so a dense layer's step does no validity work."""
+        t = k.shape[2]
         if self.length + t > self.max_length:
             raise ContextLengthError(f"position {self.length + t} is past the allocated cache length "
                                      f"{self.max_length}")
         q_pos = self.cursor + torch.arange(t, device=k.device)  # [T]
-        if valid is None:
-            valid = torch.ones(b, t, dtype=torch.bool, device=k.device)
+        self.masked = self.masked or valid is not None
+        if self.masked and valid is None:
+            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
         slots = self.slot_positions.shape[0]
         result = None
         if self.ring and t > 1:  # earlier queries of the chunk still need the keys it overwrites
-            result = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), q_pos,
-                      torch.cat([self.slot_positions, q_pos]), torch.cat([self.valid, valid], dim=1))
-            k, v, valid, written = k[:, :, -slots:], v[:, :, -slots:], valid[:, -slots:], q_pos[-slots:]
+            result = (torch.cat([self.k, k.to(self.k.dtype)], dim=2), torch.cat([self.v, v.to(self.v.dtype)], dim=2),
+                      q_pos, torch.cat([self.slot_positions, q_pos]),
+                      torch.cat([self.valid, valid], dim=1) if self.masked else None)
+            k, v, written = k[:, :, -slots:], v[:, :, -slots:], q_pos[-slots:]
+            valid = None if valid is None else valid[:, -slots:]
         else:
             written = q_pos
         index = written % slots if self.ring else written
         self.k.index_copy_(2, index, k.to(self.k.dtype))
         self.v.index_copy_(2, index, v.to(self.v.dtype))
-        self.valid.index_copy_(1, index, valid)
+        if self.masked:
+            self.valid.index_copy_(1, index, valid)
         self.slot_positions.index_copy_(0, index, written)
         self.cursor.add_(t)
         self.length += t
         if result is not None:
             return result
-        return self.k, self.v, q_pos, self.slot_positions, self.valid
+        return self.k, self.v, q_pos, self.slot_positions, self.valid if self.masked else None
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
