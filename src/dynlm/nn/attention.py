@@ -50,7 +50,7 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
-    return y.view(b, h, t, d)
+    return y.reshape(b, h, t, d)
 
 
 class Attention(nn.Module):
