@@ -52,6 +52,7 @@ class BenchConfig:
     decode_tokens: int = 64
     decode_batch: int = 1
     graphs: bool = True  # decode on the static cache with CUDA graphs where supported (else eager)
+    fused_loss: bool = False  # training step: chunked LM head + loss (`train.fused_loss`)
     peak_tflops: float | None = None  # overrides the table of known peaks
     label: str = ""  # variant name in reports
 
@@ -80,8 +81,8 @@ def _parse_bool(value: str) -> bool:
 
 
 COMPARABLE: dict[str, Callable[[str], Any]] = {
-    "compile": _parse_bool, "compile_mode": str, "graphs": _parse_bool, "batch": int, "seq_len": int, "dtype": str,
-    "model": str,
+    "compile": _parse_bool, "compile_mode": str, "graphs": _parse_bool, "fused_loss": _parse_bool, "batch": int,
+    "seq_len": int, "dtype": str, "model": str,
 }
 
 
@@ -154,6 +155,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> d
     from dynlm.train.trainer import TrainStep
 
     model = _build(cfg).to(device).train()
+    model.fused_loss = cfg.fused_loss
     optimizer = build_optimizer(model, TrainConfig(), device)
     module = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     step = TrainStep(module, model, optimizer, device, dtype, clip=1.0)
