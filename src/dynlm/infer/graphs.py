@@ -10,7 +10,8 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
     logits = decoder.step(next_ids)                   # [B, V], valid until the next step
 
 - Graphs are kept per batch-size bucket (the next power of two: rows are padded with token 0,
-  every row is independent, padded rows are dropped) and per cache length (rounded up).
+  every row is independent, padded rows are dropped) and per cache length (rounded up), at most
+  MAX_SESSIONS of them per model.
 - The prompt is prefilled eagerly in chunks of `prefill_chunk` tokens.
 - Routed layers (MoD, DTF) run the causal router inside the graph: a token that skips a layer
   leaves the layer's output unchanged and its key is marked invalid, so shapes stay static.
@@ -34,6 +35,7 @@ from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
 
 CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengths share graphs
+MAX_SESSIONS = 4  # static caches (and their graphs) kept per model; the oldest is dropped first
 
 
 def supports_static_cache(model: torch.nn.Module) -> bool:
@@ -125,6 +127,8 @@ class GraphDecoder:
         capacity = max(t + max_new_tokens, min(capacity, limit))
         key = (bucket, capacity)
         if key not in self.sessions:
+            while len(self.sessions) >= MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
             device = self.model.lm_head.weight.device
             self.sessions[key] = _Session(static_state(self.model, bucket, capacity),
                                           torch.zeros(bucket, 1, dtype=torch.long, device=device))
