@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -141,3 +144,12 @@ def test_grouped_query_attention_equals_expanded_heads(mask_kind):
         mask[..., 0] = True  # every query sees a key
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_kept_decoder_does_not_keep_the_model_alive():
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    generate_ids(model, torch.randint(0, 97, (2, 5)), max_new_tokens=3, graphs=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -100,7 +100,7 @@ class GraphDecoder:
     def __init__(self, model: TransformerLM, prefill_chunk: int = 512):
         if not supports_static_cache(model):
             raise TypeError(f"{type(model).__name__} has no KV cache to make static")
-        self.model = model
+        self._model = weakref.ref(model)  # the per-model cache below must not keep the model alive
         self.prefill_chunk = prefill_chunk
         self.capture = next(model.parameters()).device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -110,6 +110,13 @@ class GraphDecoder:
         self.eager_steps = 0  # decode steps run eagerly (before a graph could be captured)
         self.graph_steps = 0  # decode steps replayed from a graph
         self.captures = 0
+
+    @property
+    def model(self) -> TransformerLM:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this GraphDecoder was deleted")
+        return model
 
     def clear(self) -> None:
         """Free every static cache and graph."""
