@@ -41,9 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure decoding after these context lengths, e.g. 128,1024,8192")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--fused-loss", action="store_true",
+                   help="training step with the chunked LM head + loss (never the full logits)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="decode eagerly (the reference path) instead of CUDA-graph steps on a static cache")
     p.add_argument("--compare", action="append", default=[], metavar="KEY=A,B",
                    help="variants measured in this run: compile=on,off | compile_mode=default,max-autotune | "
-                        "batch=16,32 | seq_len=.. | dtype=.. | "
+                        "graphs=on,off | fused_loss=on,off | batch=16,32 | seq_len=.. | dtype=.. | "
                         "model=PRESET,PRESET (repeatable; all combinations)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU when it is not in the known table")
     p.add_argument("--out", type=Path, help="write bench.json and bench.md into this folder")
@@ -61,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
                       steps=args.steps,
                       warmup=args.warmup, train=not args.no_train, forward=not args.no_forward,
                       decode_contexts=args.decode_contexts, decode_tokens=args.decode_tokens,
-                      decode_batch=args.decode_batch, peak_tflops=args.peak_tflops)
+                      decode_batch=args.decode_batch, graphs=not args.no_graphs, fused_loss=args.fused_loss,
+                      peak_tflops=args.peak_tflops)
     if args.smoke:
         cfg = BenchConfig(model="standard-tiny", overrides=overrides, seq_len=64, batch=4, compile=args.compile,
                           dtype=args.dtype, device=args.device, steps=3, warmup=1, train=not args.no_train,
                           forward=not args.no_forward, decode_contexts=args.decode_contexts or [16, 64],
-                          decode_tokens=8, peak_tflops=args.peak_tflops)
+                          decode_tokens=8, graphs=not args.no_graphs, fused_loss=args.fused_loss,
+                          peak_tflops=args.peak_tflops)
     if not (cfg.train or cfg.forward or cfg.decode_contexts):
         raise ConfigError("nothing to measure", "drop --no-train/--no-forward or give --decode-contexts")
     configs = expand(cfg, parse_compare(args.compare))

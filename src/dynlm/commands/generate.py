@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="decode eagerly (the reference path); by default CUDA decodes with captured graph steps")
     p.set_defaults(handler=run)
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     chat = bool(getattr(tokenizer, "chat_template", None)) if args.chat is None else args.chat
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed, chat=chat,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty)
+                   repetition_penalty=args.repetition_penalty, graphs=False if args.no_graphs else None)
     if len(prompts) == 1 and not args.no_stream:
         for piece in stream_generate(model, tokenizer, prompts[0], **options):
             sys.stdout.write(piece)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, ContextLengthError
+from dynlm.infer.graphs import graph_decoder, graphs_by_default
 from dynlm.infer.sampling import SamplingConfig, select_next
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingConfig)}
@@ -43,16 +44,26 @@ def iter_token_steps(
     max_new_tokens: int,
     eos_ids: Sequence[int] | None = None,
     seed: int | None = None,
+    graphs: bool | None = None,
     **sampling: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] at every step. Rows that produced an EOS keep yielding the
     first EOS id (callers drop what follows). Stops when every row is done or after
-    `max_new_tokens` steps."""
+    `max_new_tokens` steps.
+
+    `graphs`: decode on the static KV cache with the step captured in a CUDA graph
+    (`dynlm.infer.graphs`; on a CPU the same static cache, eagerly). None (default): on CUDA for
+    the transformer family; False: the eager reference path (growable cache)."""
     cfg = _split_kwargs(sampling)
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ConfigError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and input_ids.size(1) + max_new_tokens > limit:
+        raise ContextLengthError(f"{input_ids.size(1)} prompt tokens + {max_new_tokens} new tokens = "
+                                 f"{input_ids.size(1) + max_new_tokens} positions, past the model's "
+                                 f"max_position_embeddings {limit}", "shorten the prompt or lower max_new_tokens")
     was_training = model.training
     model.eval()
     try:
@@ -65,19 +76,29 @@ def iter_token_steps(
             generator.manual_seed(seed)
         eos = torch.tensor(list(eos_ids or []), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        state = model.init_state(b, device=device, max_length=t + max_new_tokens)
-        out = model(input_ids, state=state)
+        decoder = graph_decoder(model) if (graphs_by_default(model) if graphs is None else graphs) else None
+        if decoder is not None:
+            logits = decoder.prefill(input_ids, max_new_tokens)
+        else:
+            state = model.init_state(b, device=device, max_length=t + max_new_tokens)
+            out = model(input_ids, state=state)
+            logits = out.logits[:, -1]
         context = input_ids
-        for _ in range(max_new_tokens):
-            next_ids = select_next(out.logits[:, -1], context, cfg, generator)
+        for step in range(max_new_tokens):
+            next_ids = select_next(logits, context, cfg, generator)
             if eos.numel():
                 next_ids = torch.where(done, eos[0], next_ids)
                 done = done | torch.isin(next_ids, eos)
             yield next_ids
-            if bool(done.all()):
+            # no forward after the last token; no host sync per token unless EOS can stop it
+            if step == max_new_tokens - 1 or (eos.numel() and bool(done.all())):
                 return
             context = torch.cat([context, next_ids[:, None]], dim=1)
-            out = model(next_ids[:, None], state=out.state)
+            if decoder is not None:
+                logits = decoder.step(next_ids)
+            else:
+                out = model(next_ids[:, None], state=out.state)
+                logits = out.logits[:, -1]
     finally:
         model.train(was_training)
 

@@ -13,11 +13,12 @@ from torch import nn
 
 from dynlm.config import ModelConfig
 from dynlm.models.serialization import save_checkpoint
+from dynlm.nn.loss import linear_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None from a training forward with a fused loss
     loss: torch.Tensor | None = None  # mean next-token cross-entropy in nats (labels given)
     aux_loss: torch.Tensor | None = None  # weighted auxiliary losses; NOT included in `loss`
     state: Any = None  # state after the last position; pass back to continue
@@ -31,6 +32,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]; the last position predicts nothing
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=-100, reduction=reduction)
+
+
+def fused_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss(hidden @ head_weight.T, labels)` without materialising the [B, T, V]
+    logits (chunked, `dynlm.nn.loss`): hidden [B, T, C], head_weight [V, C]."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]
+    return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight, targets.reshape(-1))
 
 
 class DynModel(nn.Module):

@@ -126,7 +126,9 @@ class RoutedTransformerLM(TransformerLM):
 
         if idx is not None:
             x = self.run_selected(block, x, idx, weight, cos, sin)
-        elif t == 1 and cache is not None and not bool(mask.any()):  # decoding, no row routed: skip
+        elif t == 1 and cache is not None and not cache.fixed_shape and not bool(mask.any()):
+            # decoding, no row routed: skip (a fixed-shape cache takes the masked path instead, so
+            # a captured step has no data-dependent branch; skipped tokens are invalid keys there)
             attn = block.self_attn
             skip_block(cache, b, t, attn.num_kv_heads, attn.head_dim, x)
         else:

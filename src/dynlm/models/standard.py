@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dynlm.config import ModelConfig
-from dynlm.models.base import DynModel, ModelOutput, causal_lm_loss
+from dynlm.models.base import DynModel, ModelOutput, causal_lm_loss, fused_causal_lm_loss
 from dynlm.nn import Attention, KVCache, LayerKVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from dynlm.registry import register
 
@@ -57,6 +57,10 @@ class TransformerLM(DynModel):
     """Shared skeleton of the transformer family (standard, MoD, DTF): embedding, rotary table,
     LM head, KV-cache state and loss. Subclasses say how the layers are run in `run_layers`."""
 
+    # Set by the trainer (`train.fused_loss`): a forward with labels and gradients computes the
+    # loss from the hidden states in chunks and returns no logits (they are never materialised).
+    fused_loss: bool = False
+
     def __init__(self, config: ModelConfig, layer_class: type[nn.Module] = DecoderLayer):
         super().__init__(config)
         self.model = DecoderBody(config, layer_class)
@@ -88,15 +92,19 @@ class TransformerLM(DynModel):
         b, t = input_ids.shape
         if state is None and use_cache:
             state = self.init_state(b, device=input_ids.device)
-        start = 0 if state is None else state.position
-        positions = torch.arange(start, start + t, device=input_ids.device)  # [T]
+        positions = (torch.arange(t, device=input_ids.device) if state is None
+                     else state.next_positions(t, input_ids.device))  # [T]
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
         cos, sin = self.rotary(positions, x.dtype)  # [T, D]
         x, extras = self.run_layers(x, cos, sin, positions, state)
-        logits = self.lm_head(self.model.norm(x))  # [B, T, V]
+        h = self.model.norm(x)
         if state is not None:
             state.position += t
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if labels is not None and self.fused_loss and torch.is_grad_enabled():
+            logits, loss = None, fused_causal_lm_loss(h, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(h)  # [B, T, V]
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, aux_loss=extras.get("aux_loss"), state=state,
                            metrics=extras.get("metrics", {}))
 

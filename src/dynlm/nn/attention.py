@@ -3,8 +3,6 @@ mask allows), optional q/k/v bias, optional sliding window, KV cache."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +41,23 @@ def attention_mask(
     return mask
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, Hkv, Tk, D] (H a multiple of Hkv) without
+    expanding k and v to H heads: the G = H / Hkv query heads sharing a key head become G*T query
+    rows of that head, so each cached key is read once per key head, not G times (decoding reads
+    the whole cache at every step). mask: None, [T, Tk] or [B, 1, T, Tk] (True = may attend)."""
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q = q.reshape(b, k.shape[1], groups * t, d)  # rows ordered (head in group, position)
+    if mask is not None:
+        mask = mask.repeat(groups, 1) if mask.dim() == 2 else mask.repeat(1, 1, groups, 1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, Hkv, G*T, D]
+    return y.reshape(b, h, t, d)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -71,28 +86,28 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, C]; cos/sin: [T, D] or [B, T, D] for the tokens' true positions.
         Without a cache, x is a causal sequence (tokens in position order). With a cache, the T
-        new tokens follow the `cache.length` cached ones. `key_valid` [B, T] marks which new
-        tokens become keys for later queries (routed layers; with a cache the marks are kept).
-        Without a window, key marks or earlier cached keys, attention is SDPA's `is_causal` path
-        (flash on CUDA)."""
+        new tokens follow the cached ones (`cache.update` keeps their positions). `key_valid` [B, T]
+        marks which new tokens become keys for later queries (routed layers; with a cache the marks
+        are kept). Without a cache, window or key marks, attention is SDPA's `is_causal` path (flash
+        on CUDA)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        start, valid = 0, key_valid
-        if cache is not None:
-            start = cache.length
-            k, v, valid = cache.append(k, v, key_valid)  # [B, Hkv, start + T, D], [B, start + T] or None
-        mask = None
-        if self.sliding_window is not None or valid is not None or (start > 0 and t > 1):
-            q_pos = torch.arange(start, start + t, device=x.device)
-            k_pos = torch.arange(start + t, device=x.device)
-            mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
-        # start > 0, t == 1, no mask: the one new query sees every cached key
-        is_causal = mask is None and start == 0
-        gqa = self.num_kv_heads != self.num_heads
-        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if cache is not None else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        if cache is None:
+            mask = None
+            if self.sliding_window is not None or key_valid is not None:
+                pos = torch.arange(t, device=x.device)
+                mask = attention_mask(pos, pos, self.sliding_window, key_valid)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+        else:
+            k, v, q_pos, k_pos, valid = cache.update(k, v, key_valid, self.sliding_window)
+            mask = None  # one new query over a growable cache sees every cached key
+            if t > 1 or self.sliding_window is not None or valid is not None or cache.fixed_shape:
+                mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
+            with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
+                y = grouped_query_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

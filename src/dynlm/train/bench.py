@@ -9,7 +9,9 @@ What is measured (random tokens, after warm-up steps that include any compilatio
   forward   the evaluation forward (eval mode, no gradients), tokens/s
   decode    per context length: prefill of `context` tokens, then `decode_tokens` steps of one
             token each through the model's state (KV cache or recurrent state), tokens/s and the
-            state's bytes; weights cast to the benchmark dtype as a server would
+            state's bytes; weights cast to the benchmark dtype as a server would; on CUDA the
+            transformer family decodes on the static cache with captured CUDA graphs
+            (`dynlm.infer.graphs`) unless `graphs` is off (the eager reference)
 Variants are measured one after another in one process, so their ratios compare like with like.
 On CUDA every timed region ends with a synchronize; nothing reads back from the device inside it."""
 
@@ -31,6 +33,7 @@ from dynlm.config import model_config
 from dynlm.distributed import autocast, resolve_device, resolve_dtype
 from dynlm.errors import ConfigError, did_you_mean
 from dynlm.eval.flops import device_name, mfu, peak_flops
+from dynlm.infer.graphs import GraphDecoder, graphs_by_default
 from dynlm.registry import get_architecture
 from dynlm.train.config import COMPILE_MODES, TrainConfig
 from dynlm.train.optim import build_optimizer
@@ -54,6 +57,8 @@ class BenchConfig:
     decode_contexts: list[int] = field(default_factory=list)  # e.g. [128, 1024, 8192]
     decode_tokens: int = 64
     decode_batch: int = 1
+    graphs: bool = True  # decode on the static cache with CUDA graphs where supported (else eager)
+    fused_loss: bool = False  # training step: chunked LM head + loss (`train.fused_loss`)
     peak_tflops: float | None = None  # overrides the table of known peaks
     label: str = ""  # variant name in reports
 
@@ -80,7 +85,8 @@ def _parse_bool(value: str) -> bool:
 
 
 COMPARABLE: dict[str, Callable[[str], Any]] = {
-    "compile": _parse_bool, "compile_mode": str, "batch": int, "seq_len": int, "dtype": str, "model": str,
+    "compile": _parse_bool, "compile_mode": str, "graphs": _parse_bool, "fused_loss": _parse_bool, "batch": int,
+    "seq_len": int, "dtype": str, "model": str,
 }
 
 
@@ -149,6 +155,7 @@ def _build(cfg: BenchConfig, **extra: Any) -> torch.nn.Module:
 def bench_train(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
     model = _build(cfg).to(device).train()
+    model.fused_loss = cfg.fused_loss
     optimizer = build_optimizer(model, TrainConfig(), device)
     module = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     step = TrainStep(module, model, optimizer, device, dtype, clip=1.0)
@@ -188,9 +195,27 @@ def bench_forward(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) ->
     return result
 
 
-def _prefill(model: torch.nn.Module, prompt: torch.Tensor, capacity: int, dtype: torch.dtype) -> Any:
+def _prefill(model: torch.nn.Module, prompt: torch.Tensor, capacity: int, dtype: torch.dtype,
+             decoder: GraphDecoder | None) -> tuple[torch.Tensor, Any]:
+    """-> logits [B, V] at the last prompt position, eager state (None with a decoder)."""
+    if decoder is not None:
+        return decoder.prefill(prompt, capacity - prompt.size(1)), None
     state = model.init_state(prompt.size(0), device=prompt.device, dtype=dtype, max_length=capacity)
-    return model(prompt, state=state)
+    out = model(prompt, state=state)
+    return out.logits[:, -1], out.state
+
+
+def _decode(model: torch.nn.Module, decoder: GraphDecoder | None, logits: torch.Tensor, state: Any,
+            tokens: int) -> Any:
+    """Greedy decoding of `tokens` tokens from logits [B, V]; returns the eager state."""
+    for _ in range(tokens):
+        next_token = logits.argmax(-1)  # [B]
+        if decoder is not None:
+            logits = decoder.step(next_token)
+        else:
+            out = model(next_token[:, None], state=state)
+            logits, state = out.logits[:, -1], out.state
+    return state
 
 
 @torch.inference_mode()
@@ -203,26 +228,25 @@ def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
         _reset_memory(device)
         prompt = torch.randint(0, vocab, (cfg.decode_batch, context), device=device)
         capacity = context + cfg.decode_tokens
-        _prefill(model, prompt, capacity, dtype)  # warm-up: kernels, allocator
+        decoder = GraphDecoder(model) if cfg.graphs and graphs_by_default(model) else None
+        # warm-up: kernels, allocator, graph capture
+        _decode(model, decoder, *_prefill(model, prompt, capacity, dtype, decoder), cfg.decode_tokens)
         _synchronize(device)
         start = time.perf_counter()
-        out = _prefill(model, prompt, capacity, dtype)
+        logits, state = _prefill(model, prompt, capacity, dtype, decoder)
         _synchronize(device)
         prefill_seconds = time.perf_counter() - start
-        next_token = out.logits[:, -1:].argmax(-1)  # [B, 1]
-        state = out.state
-        _synchronize(device)
         start = time.perf_counter()
-        for _ in range(cfg.decode_tokens):
-            out = model(next_token, state=state)
-            state = out.state
-            next_token = out.logits[:, -1:].argmax(-1)
+        state = _decode(model, decoder, logits, state, cfg.decode_tokens)
         _synchronize(device)
         decode_seconds = time.perf_counter() - start
+        if decoder is not None:
+            state = decoder.session.state
         rows.append({"context": context, "decode_tokens_per_s": cfg.decode_batch * cfg.decode_tokens / decode_seconds,
                      "ms_per_token": 1000 * decode_seconds / cfg.decode_tokens,
                      "prefill_tokens_per_s": cfg.decode_batch * context / prefill_seconds,
-                     "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device)})
+                     "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device),
+                     "graphs": decoder is not None})
     return rows
 
 
@@ -324,7 +348,8 @@ def to_markdown(suite: dict[str, Any]) -> str:
         c = r["config"]
         lines += [f"## Decoding, batch {c['decode_batch']}, {c['decode_tokens']} new tokens per context "
                   f"({c['model']}{', ' + r['label'] if r['label'] else ''}, weights in "
-                  f"{r['dtype'].removeprefix('torch.')})", "",
+                  f"{r['dtype'].removeprefix('torch.')}, "
+                  f"{'CUDA graphs' if r['decode'][0].get('graphs') else 'eager'})", "",
                   "| context | decode tokens/s | ms/token | prefill tokens/s | state (KV) bytes | peak memory |",
                   "|---|---|---|---|---|---|"]
         for d in r["decode"]:

@@ -123,6 +123,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 elsewhere) | float32 | bfloat16
     compile: bool = False  # torch.compile the training forward
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | ...
+    fused_loss: bool = False  # transformer family: LM head + loss in chunks, never the [B, T, V] logits
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     seed: int = 1337
     # logging, evaluation, checkpoints

@@ -211,6 +211,7 @@ class Trainer:
                                 f"grad_accum x processes ({self.cfg.grad_accum} x {ctx.world_size})")
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
 
+        model.fused_loss = self.cfg.fused_loss  # read by the transformer family's forward
         wrapped = distributed.wrap_model(model, ctx, self.cfg.fsdp)
         self.ddp_module = wrapped if wrapped is not model else None
         # FSDP2 shards in place, so the optimizer is built after wrapping, on the sharded parameters

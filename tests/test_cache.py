@@ -1,0 +1,155 @@
+"""KV caches: windowed eviction, the static (preallocated, graph-ready) cache, context limits."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import dynlm
+from dynlm.errors import ContextLengthError
+from dynlm.infer.generate import generate_ids
+from dynlm.infer.graphs import batch_bucket, graph_decoder
+from dynlm.nn import Attention, KVCache, RotaryEmbedding
+from dynlm.nn.attention import grouped_query_attention
+from dynlm.nn.cache import LayerKVCache, StaticLayerKVCache
+
+# chunk sizes fed one after another: a prompt, single tokens, then a second multi-token chunk
+# (longer than the window, so a ring wraps inside it), then single tokens again
+CHUNKS = [5, 1, 1, 6, 2, 1, 1]
+
+
+def _chunked(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+    parts, start = [], 0
+    for n in CHUNKS:
+        parts.append(attn(x[:, start:start + n], cos[start:start + n], sin[start:start + n], cache))
+        start += n
+    return torch.cat(parts, 1)
+
+
+def _attention_and_input(window: int | None):
+    attn = Attention(16, 4, 2, 8, sliding_window=window)
+    x = torch.randn(2, sum(CHUNKS), 16)
+    cos, sin = RotaryEmbedding(8)(torch.arange(x.shape[1]), x.dtype)
+    return attn, x, cos, sin
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_windowed_cache_evicts_and_equals_full_attention(window):
+    """Feeding chunks through a windowed cache gives full-sequence windowed attention, while the
+    cache holds no more than the window - 1 positions a next query can see."""
+    attn, x, cos, sin = _attention_and_input(window)
+    cache = LayerKVCache()
+    out = _chunked(attn, x, cos, sin, cache)
+    torch.testing.assert_close(out, attn(x, cos, sin), atol=1e-5, rtol=1e-4)
+    assert cache.length == x.shape[1]
+    assert cache.k.shape[2] == window - 1
+
+
+@pytest.mark.parametrize("window", [None, 3, 4, 64])
+def test_static_cache_equals_full_attention(window):
+    """The preallocated cache (a ring of `window` slots for a windowed layer, the whole context
+    otherwise) gives the same attention as one full pass, for a second multi-token chunk too."""
+    attn, x, cos, sin = _attention_and_input(window)
+    cache = StaticLayerKVCache(2, 2, 8, capacity=x.shape[1], window=window)
+    assert cache.k.shape[2] == (window if window is not None and window < x.shape[1] else x.shape[1])
+    out = _chunked(attn, x, cos, sin, cache)
+    torch.testing.assert_close(out, attn(x, cos, sin), atol=1e-5, rtol=1e-4)
+    assert int(cache.cursor) == cache.length == x.shape[1]
+
+
+def test_static_cache_key_valid_and_reset():
+    """Invalid keys stay invisible in the static cache; `reset` empties it in place."""
+    attn, x, cos, sin = _attention_and_input(None)
+    cache = StaticLayerKVCache(2, 2, 8, capacity=8)
+    dyn = LayerKVCache()
+    valid = torch.tensor([[True, False, True], [False, True, True]])
+    for c in (cache, dyn):
+        attn(x[:, :3], cos[:3], sin[:3], c, key_valid=valid)
+    torch.testing.assert_close(attn(x[:, 3:5], cos[3:5], sin[3:5], cache),
+                               attn(x[:, 3:5], cos[3:5], sin[3:5], dyn), atol=1e-5, rtol=1e-4)
+    address = cache.k.data_ptr()
+    cache.reset()
+    fresh = LayerKVCache()
+    torch.testing.assert_close(attn(x[:, :4], cos[:4], sin[:4], cache), attn(x[:, :4], cos[:4], sin[:4], fresh),
+                               atol=1e-5, rtol=1e-4)
+    assert cache.k.data_ptr() == address
+
+
+def test_static_cache_refuses_positions_past_its_length():
+    attn, x, cos, sin = _attention_and_input(None)
+    cache = StaticLayerKVCache(2, 2, 8, capacity=4)
+    attn(x[:, :3], cos[:3], sin[:3], cache)
+    with pytest.raises(ContextLengthError, match="position 5 is past the allocated cache length 4"):
+        attn(x[:, 3:5], cos[3:5], sin[3:5], cache)
+
+
+def _static_state(model, batch: int, capacity: int) -> KVCache:
+    c = model.config
+    state = model.init_state(batch)
+    state.layers = [StaticLayerKVCache(batch, c.num_kv_heads, c.head_dim, capacity,
+                                       c.sliding_window if c.uses_sliding_window(i) else None)
+                    for i in range(c.num_layers)]
+    return state
+
+
+@pytest.mark.parametrize("arch,overrides", [("standard", {"sliding_window": 3}), ("mod", {}), ("dtf", {})])
+def test_model_static_cache_equals_dynamic(arch, overrides):
+    """A model run chunk by chunk on static layer caches gives the logits of the growable cache
+    (routed models: causal routing, the skipped tokens' keys masked in place)."""
+    model = dynlm.build_model(f"{arch}-tiny", vocab_size=97, **overrides).eval()
+    ids = torch.randint(0, 97, (2, sum(CHUNKS)))
+    dynamic, static = model.init_state(2), _static_state(model, 2, ids.shape[1])
+    start = 0
+    with torch.no_grad():
+        for n in CHUNKS:
+            a = model(ids[:, start:start + n], state=dynamic).logits
+            b = model(ids[:, start:start + n], state=static).logits
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+            start += n
+    assert static.position == dynamic.position == ids.shape[1]
+
+
+def test_generation_refuses_contexts_past_max_positions():
+    model = dynlm.build_model("standard-tiny", vocab_size=97, max_position_embeddings=32).eval()
+    prompt = torch.randint(0, 97, (1, 20))
+    assert generate_ids(model, prompt, max_new_tokens=12).shape == (1, 32)
+    with pytest.raises(ContextLengthError, match="20 prompt tokens \\+ 13 new tokens = 33 positions, past the "
+                                                 "model's max_position_embeddings 32"):
+        generate_ids(model, prompt, max_new_tokens=13)
+
+
+@pytest.mark.parametrize("arch,overrides", [("standard", {"sliding_window": 5}), ("mod", {}), ("dtf", {})])
+def test_static_decoder_generates_the_eager_tokens(arch, overrides):
+    """The generation engine on the static cache (what CUDA captures; eager on a CPU) gives the
+    eager path's greedy tokens, with 3 distinct prompts padded to a batch bucket of 4."""
+    model = dynlm.build_model(f"{arch}-tiny", vocab_size=97, **overrides).eval()
+    prompts = torch.randint(0, 97, (3, 7))
+    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
+    static = generate_ids(model, prompts, max_new_tokens=12, graphs=True)
+    assert torch.equal(static, eager)
+    decoder = graph_decoder(model)
+    assert decoder.session.state.layers[0].k.shape[0] == batch_bucket(3) == 4
+    assert decoder.eager_steps == 11 and decoder.graph_steps == 0  # nothing is captured on a CPU
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "2d", "4d"])
+def test_grouped_query_attention_equals_expanded_heads(mask_kind):
+    """Folding the query heads of a key head into query rows gives `enable_gqa` attention."""
+    q, k, v = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = {"none": None, "2d": torch.rand(3, 5) > 0.3, "4d": torch.rand(2, 1, 3, 5) > 0.3}[mask_kind]
+    if mask is not None:
+        mask[..., 0] = True  # every query sees a key
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_kept_decoder_does_not_keep_the_model_alive():
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    generate_ids(model, torch.randint(0, 97, (2, 5)), max_new_tokens=3, graphs=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
