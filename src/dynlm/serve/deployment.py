@@ -1,0 +1,98 @@
+"""What a server serves: one model, or a registry of domain experts behind a router, with an
+optional conversation memory that builds each expert's context.
+
+    deployment = Deployment.single("smollm2/")                       # one model
+    deployment = Deployment.from_registry("experts.yaml", db="memory.sqlite")
+    expert, reason = deployment.choose("auto", "Write a sonnet about the sea")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dynlm
+from dynlm.errors import CheckpointError, DynlmError
+from dynlm.infer.generate import encode_prompt
+
+AUTO = "auto"
+
+
+@dataclass
+class Expert:
+    """A loaded model with its tokenizer, under the name clients use."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    path: str
+
+    @classmethod
+    def load(cls, name: str, path: str | Path, device: str = "cpu") -> Expert:
+        try:
+            model = dynlm.load_pretrained(path, device=device)
+            tokenizer = dynlm.load_tokenizer(path)
+        except DynlmError as e:
+            raise CheckpointError(f"expert '{name}': {e}") from None
+        model.eval()
+        return cls(name, model, tokenizer, str(path))
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def encode_text(self, prompt: str) -> list[int]:
+        """A plain-text (completion) prompt as the model was trained to see one."""
+        return encode_prompt(self.tokenizer, prompt, chat=False) if prompt else []
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+
+class Deployment:
+    """Experts by name, the router that picks one for "auto", and the memory (optional)."""
+
+    def __init__(self, experts: dict[str, Expert], default: str, router: Any = None, memory: Any = None,
+                 context_budget: int = 1024):
+        if default not in experts:
+            raise CheckpointError(f"the default expert '{default}' is not loaded")
+        self.experts = experts
+        self.default = default
+        self.router = router
+        self.memory = memory
+        self.context_budget = context_budget
+
+    @classmethod
+    def single(cls, path: str | Path, name: str | None = None, device: str = "cpu") -> Deployment:
+        name = name or Path(path).name.removesuffix(".gguf") or "model"
+        return cls({name: Expert.load(name, path, device)}, name)
+
+    def model_names(self) -> list[str]:
+        return [AUTO, *self.experts]
+
+    def choose(self, requested: str, query: str) -> tuple[Expert, str]:
+        """(expert, why): the requested expert, or for "auto" the router's choice. KeyError when
+        the name is unknown."""
+        if requested != AUTO:
+            return self.experts[requested], "requested"
+        if self.router is None or len(self.experts) == 1:
+            return self.experts[self.default], "default"
+        decision = self.router.route(query)
+        return self.experts[decision.expert], decision.reason
+
+    def context_messages(self, conversation: str | None, expert: Expert,
+                         messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages the expert receives: with a memory and a conversation id, the memory's
+        context (what the memory holds plus the new user message); otherwise the request's own."""
+        if self.memory is None or conversation is None:
+            return messages
+        return self.memory.build_context(conversation, messages, self.context_budget, expert.count_tokens)
+
+    def remember(self, conversation: str | None, expert: Expert, user_text: str, answer: str) -> None:
+        if self.memory is not None and conversation is not None:
+            self.memory.add_exchange(conversation, user_text, answer, expert.name, expert.count_tokens)
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
