@@ -15,6 +15,7 @@ from typing import Any
 import dynlm
 from dynlm.errors import CheckpointError, DynlmError
 from dynlm.infer.generate import encode_prompt
+from dynlm.serve.experts import Registry, Router
 
 AUTO = "auto"
 
@@ -67,6 +68,18 @@ class Deployment:
     def single(cls, path: str | Path, name: str | None = None, device: str = "cpu") -> Deployment:
         name = name or Path(path).name.removesuffix(".gguf") or "model"
         return cls({name: Expert.load(name, path, device)}, name)
+
+    @classmethod
+    def from_registry(cls, file: str | Path, db: str | Path | None = None, device: str = "cpu",
+                      context_budget: int = 1024, encoder: Any = None) -> Deployment:
+        """Every expert of the registry loaded, its router, and the memory database when given."""
+        registry = Registry.load(file)
+        experts = {name: Expert.load(name, registry.resolve(spec), device) for name, spec in registry.experts.items()}
+        router = Router(registry, encoder) if len(experts) > 1 else None
+        deployment = cls(experts, registry.default_name, router, context_budget=context_budget)
+        if db is not None:
+            deployment.attach_memory(db, context_budget, encoder)
+        return deployment
 
     def model_names(self) -> list[str]:
         return [AUTO, *self.experts]
