@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import openai
 import pytest
 
 from dynlm.cli import main
 from dynlm.errors import ConfigError
 from dynlm.memory.embeddings import HashingEncoder
+from dynlm.serve.app import create_app
+from dynlm.serve.deployment import Deployment
 from dynlm.serve.experts import EmbeddingRouter, ExpertSpec, Registry, Router, RuleRouter
-from test_serve import tiny_checkpoint
+from test_serve import LiveServer, tiny_checkpoint
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "data" / "router"
 
@@ -106,3 +109,36 @@ def test_experts_cli(tmp_path, capsys):
     assert reg.read_text() == before
     assert main(["experts", "--registry", str(reg), "remove", "poetry"]) == 0
     assert list(Registry.load(reg).experts) == ["general"]
+
+
+def test_served_router_picks_and_names_the_expert(tmp_path):
+    tiny_checkpoint(tmp_path / "general", seed=1)
+    tiny_checkpoint(tmp_path / "poetry", seed=2)
+    reg = registry()
+    reg.experts = {"general": ExpertSpec("general", "general", examples=["what should I cook tonight"]),
+                   "poetry": ExpertSpec("poetry", "poetry", keywords=["sonnet"], examples=["write a poem"])}
+    reg.save(tmp_path / "experts.yaml")
+    deployment = Deployment.from_registry(tmp_path / "experts.yaml", encoder=HashingEncoder())
+    with LiveServer(create_app(deployment)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        assert {m.id for m in client.models.list()} == {"auto", "general", "poetry"}
+        routed = client.chat.completions.create(model="auto", max_tokens=3,
+                                                messages=[{"role": "user", "content": "A sonnet, please"}])
+        assert routed.model == "poetry" and routed.model_extra["route"] == "keyword 'sonnet'"
+        fallback = client.chat.completions.create(model="auto", max_tokens=3,
+                                                  messages=[{"role": "user", "content": "zzz qqq"}])
+        assert fallback.model == "general"
+        chosen = client.chat.completions.create(model="general", max_tokens=3,
+                                                messages=[{"role": "user", "content": "A sonnet, please"}])
+        assert chosen.model == "general" and chosen.model_extra["route"] == "requested"
+
+
+def test_serve_cli_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "experts.yaml").write_text("experts:\n  a: {path: missing/}\n")
+    assert main(["serve", "--experts", str(tmp_path / "experts.yaml")]) == 2
+    assert main(["serve", "--model", str(tmp_path / "nowhere")]) == 2
+    ckpt = tiny_checkpoint(tmp_path / "tiny")
+    (tmp_path / "bad.sqlite").write_bytes(b"garbage" * 50)
+    assert main(["serve", "--model", str(ckpt), "--db", str(tmp_path / "bad.sqlite"), "--embeddings", "hashing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("dynlm: error:") for line in err), err
