@@ -211,3 +211,70 @@ def token_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int], completion
         return chosen, [[] for _ in chosen]
     values, indices = logp.topk(min(top, logp.size(-1)), dim=-1)
     return chosen, [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+@dataclass
+class BeamHypothesis:
+    ids: list[int]  # generated ids (the prompt excluded; an ending EOS included)
+    score: float  # sum of token log-probabilities / len(ids) ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], num_beams: int = 4, max_new_tokens: int = 32,
+                length_penalty: float = 1.0, eos_ids: Sequence[int] = (),
+                early_stopping: bool = False) -> list[BeamHypothesis]:
+    """Beam search with a length penalty, as `transformers` does it (same candidates per step, same
+    finishing rule, same stopping heuristic), best hypothesis first.
+
+    Every step scores the 2 x num_beams (more with several EOS ids) best continuations of all beams;
+    a continuation that ends in EOS, or reaches `max_new_tokens`, is finished with the score
+    sum(log p) / length ** length_penalty (length counts generated tokens: > 0 favours longer
+    answers), the best unfinished ones continue. Search stops when no running beam can beat the
+    worst of `num_beams` finished ones (its current score at the current length), when all are
+    finished and `early_stopping`, or at `max_new_tokens`.
+    The beams are re-run on their whole sequence each step (no cache reordering), which is
+    correct for every architecture's state; it costs O(n^2) in the answer length."""
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ConfigError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}")
+    if not prompt_ids:
+        raise ConfigError("beam search needs a non-empty prompt")
+    was_training = model.training
+    model.eval()
+    try:
+        device = _device_of(model)
+        eos = set(eos_ids)
+        keep = max(2, 1 + len(eos)) * num_beams
+        running = torch.tensor([list(prompt_ids)] * num_beams, dtype=torch.long, device=device)  # [K, P + t]
+        scores = torch.full((num_beams,), -1.0e9, device=device)
+        scores[0] = 0.0  # all beams start as the same prompt: only the first one expands at step 1
+        finished: list[BeamHypothesis] = []
+        improvable = True
+        for step in range(max_new_tokens):
+            logp = model(running).logits[:, -1].float().log_softmax(-1)  # [K, V]
+            vocab = logp.size(-1)
+            top_scores, top_index = (logp + scores[:, None]).view(-1).topk(min(keep, logp.numel()))
+            beams, tokens = top_index // vocab, top_index % vocab
+            last_step = step + 1 == max_new_tokens
+            ends = [last_step or int(t) in eos for t in tokens.tolist()]
+            if improvable and not (early_stopping and len(finished) == num_beams):
+                for rank in range(num_beams):  # only the top num_beams candidates may finish
+                    if ends[rank]:
+                        ids = running[beams[rank], len(prompt_ids):].tolist() + [int(tokens[rank])]
+                        finished.append(BeamHypothesis(ids, float(top_scores[rank]) / (step + 1) ** length_penalty))
+                finished = sorted(finished, key=lambda h: -h.score)[:num_beams]
+            if all(ends):
+                break
+            alive = [i for i in range(len(ends)) if not ends[i]][:num_beams]
+            running = torch.cat([running[beams[alive]], tokens[alive, None]], dim=1)
+            scores = top_scores[alive]
+            if len(alive) < num_beams:  # fewer live candidates than beams: pad with dead copies
+                pad = num_beams - len(alive)
+                running = torch.cat([running, running[:1].expand(pad, -1)])
+                scores = torch.cat([scores, torch.full((pad,), -1.0e9, device=device)])
+            best_possible = float(scores[0]) / (step + 1) ** length_penalty
+            improvable = improvable and (len(finished) < num_beams or best_possible > finished[-1].score)
+            if not improvable or (early_stopping and len(finished) == num_beams):
+                break
+        return finished
+    finally:
+        model.train(was_training)
