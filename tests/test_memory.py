@@ -61,6 +61,7 @@ def test_facts_names_numbers_preferences():
     assert facts["my locker code"].importance == 1.0 and "4821" in facts["my locker code"].text
     assert facts["preference green tea"].importance == 0.7
     assert any(k.startswith("number") for k in facts)
+    assert [f.key for f in extract_facts("My sister's city is Lisbon.")] == ["my sister s city"]
 
 
 def test_facts_are_updated_or_left_alone_not_appended(tmp_path):

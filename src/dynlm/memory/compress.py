@@ -64,7 +64,7 @@ class Fact:
 
 _REMEMBER = re.compile(r"\b(?:please\s+)?remember(?:\s+that)?[:,]?\s+(.+)", re.IGNORECASE)
 _NAME = re.compile(r"\b(?:my name is|i am called|call me)\s+([A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)?)", re.IGNORECASE)
-_MY_X_IS = re.compile(r"\bmy\s+((?:\w+\s+){0,3}?\w+)\s+(?:is|are|was)\s+(.+)", re.IGNORECASE)
+_MY_X_IS = re.compile(r"\bmy\s+((?:[\w']+\s+){0,3}?[\w']+)\s+(?:is|are|was)\s+(.+)", re.IGNORECASE)
 _PREFERENCE = re.compile(r"\bi\s+(?:really\s+)?(like|love|prefer|hate|dislike|enjoy|can't stand)\s+(.+)",
                          re.IGNORECASE)
 
