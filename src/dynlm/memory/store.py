@@ -85,6 +85,7 @@ class ConversationMemory:
         self.budgets = budgets or MemoryBudgets()
         self._lock = threading.Lock()
         self._indexes: dict[str, _Index] = {}
+        self._piece_tokens: dict[tuple[CountPrompt, str], int] = {}
         try:
             self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -264,40 +265,63 @@ class ConversationMemory:
         facts = self.db.execute("SELECT id, text, importance FROM facts WHERE conversation = ? AND active = 1 "
                                 "ORDER BY importance DESC, updated DESC", (conversation,)).fetchall()
 
-        chosen_recent: list[int] = []  # indices into `recent` (newest first)
-        chosen_memory: list[str] = []
+        header = "What you remember from this conversation:"
 
         def assemble(recent_ids: list[int], memory: list[str]) -> list[dict[str, str]]:
             parts = [system] if system else []
             if memory:
-                parts.append("What you remember from this conversation:\n" + "\n".join(f"- {m}" for m in memory))
+                parts.append(header + "".join(f"\n- {m}" for m in memory))
             out = [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
             out += [{"role": recent[i][0], "content": recent[i][1]} for i in sorted(recent_ids, reverse=True)]
             return out + [{"role": "user", "content": query}]
 
-        if count_prompt(assemble([], [])) > budget_tokens:
-            raise ContextLengthError(f"the new message alone needs {count_prompt(assemble([], []))} tokens, more than "
-                                     f"the context budget of {budget_tokens}")
+        base = count_prompt(assemble([], []))
+        if base > budget_tokens:
+            raise ContextLengthError(f"the new message alone needs {base} tokens, more than the context budget of "
+                                     f"{budget_tokens}")
+        # Rendering and tokenizing the whole prompt for every candidate costs O(candidates x budget):
+        # admit on each piece's own token count instead, then check the real prompt and drop the
+        # last admitted pieces while it is over (token merges across a boundary can differ by a few).
+        empty = count_prompt([{"role": "user", "content": ""}])
+        if len(self._piece_tokens) > 100_000:
+            self._piece_tokens.clear()
 
-        def try_add(recent_id: int | None = None, memory: str | None = None) -> None:
-            r = chosen_recent + ([recent_id] if recent_id is not None else [])
-            m = chosen_memory + ([memory] if memory is not None else [])
-            if count_prompt(assemble(r, m)) <= budget_tokens:
-                chosen_recent[:] = r
-                chosen_memory[:] = m
+        def tokens_of(text: str) -> int:  # cached: the same facts and messages come back query after query
+            key = (count_prompt, text)
+            if key not in self._piece_tokens:
+                self._piece_tokens[key] = count_prompt([{"role": "user", "content": text}]) - empty
+            return self._piece_tokens[key]
+
+        per_message = count_prompt([{"role": "user", "content": ""}] * 2) - empty
+        header_cost = tokens_of(header) + (tokens_of("\n\n") if system else per_message)
+        admitted: list[tuple[str, int | str]] = []
+        used = base
+
+        def try_add(kind: str, item: int | str, cost: int) -> None:
+            nonlocal used
+            extra = cost + (header_cost if kind == "memory" and not any(k == "memory" for k, _ in admitted) else 0)
+            if used + extra <= budget_tokens:
+                admitted.append((kind, item))
+                used += extra
 
         for _, text, importance in facts:
             if importance >= IMPORTANT:
-                try_add(memory=text)
+                try_add("memory", text, tokens_of(f"\n- {text}"))
         for i in range(min(2, len(recent))):
-            try_add(recent_id=i)
+            try_add("recent", i, per_message + tokens_of(recent[i][1]))
         for _, text, importance in facts:
             if importance < IMPORTANT:
-                try_add(memory=text)
+                try_add("memory", text, tokens_of(f"\n- {text}"))
         for i in range(2, len(recent)):
-            try_add(recent_id=i)
-        shown = set(chosen_memory)
+            try_add("recent", i, per_message + tokens_of(recent[i][1]))
+        shown = {item for kind, item in admitted if kind == "memory"}
         for _, _, text, _ in self.search(conversation, query):
             if text not in shown:
-                try_add(memory=text)
-        return assemble(chosen_recent, chosen_memory)
+                try_add("memory", text, tokens_of(f"\n- {text}"))
+
+        def chosen() -> list[dict[str, str]]:
+            return assemble([i for k, i in admitted if k == "recent"], [t for k, t in admitted if k == "memory"])
+
+        while count_prompt(chosen()) > budget_tokens:  # never true when the estimates add up exactly
+            admitted.pop()
+        return chosen()
