@@ -9,15 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from quickstart_cpu import cpu_model
 
 
 def environment() -> dict[str, Any]:
@@ -27,7 +19,7 @@ def environment() -> dict[str, Any]:
                                     text=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
-    return {"device": f"CPU: {cpu_name()}, {os.cpu_count()} cores, shared with other jobs while measured",
+    return {"device": f"CPU: {cpu_model()}, {os.cpu_count()} cores, shared with other jobs while measured",
             "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else "")}
 
 

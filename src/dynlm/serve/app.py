@@ -15,6 +15,7 @@ token. Errors have the OpenAI shape: `{"error": {"message", "type", "param", "co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -151,7 +152,8 @@ class Worker:
 
     def close_later(self, it: Iterator[Any]) -> None:
         # A generator may only be closed when it is not running: queue the close behind its step.
-        self._executor.submit(it.close)
+        with contextlib.suppress(RuntimeError):  # shutting down: the worker is gone, the generator with it
+            self._executor.submit(it.close)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
