@@ -29,30 +29,44 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
 
 
+_ROLE = re.compile(r"^(?:user|assistant|system):\s*", re.IGNORECASE)
+
+
 def extractive_summary(text: str, ratio: float = 0.35) -> str:
     sentences = split_sentences(text)
     if len(sentences) <= 1:
         return text.strip()
-    bags = [Counter(words(s)) for s in sentences]
-    vocab = {w: i for i, w in enumerate(sorted({w for bag in bags for w in bag}))}
-    if not vocab:
+    # a sentence said twice carries its information once (and would otherwise look most central)
+    unique: dict[tuple[str, ...], str] = {}
+    for sentence in sentences:
+        key = tuple(words(_ROLE.sub("", sentence)))
+        if key and key not in unique:
+            unique[key] = sentence
+    if not unique:
         return sentences[0]
+    keys, kept_sentences = list(unique), list(unique.values())
+    bags = [Counter(k) for k in keys]
+    vocab = {w: i for i, w in enumerate(sorted({w for bag in bags for w in bag}))}
     df = Counter(w for bag in bags for w in bag)
-    tfidf = np.zeros((len(sentences), len(vocab)), dtype=np.float32)
+    tfidf = np.zeros((len(bags), len(vocab)), dtype=np.float32)
     for row, bag in enumerate(bags):
         for w, count in bag.items():
-            tfidf[row, vocab[w]] = (1 + math.log(count)) * math.log((1 + len(sentences)) / (1 + df[w]) + 1)
+            tfidf[row, vocab[w]] = (1 + math.log(count)) * math.log((1 + len(bags)) / (1 + df[w]) + 1)
     tfidf /= np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-9)
-    centrality = (tfidf @ tfidf.T).sum(1)  # [S]: how much each sentence shares with all the others
-    target = ratio * sum(len(b) for b in bags) if bags else 0
-    kept: list[int] = []
+    similarity = tfidf @ tfidf.T  # [S, S]
+    centrality = similarity.sum(1) / max(float(similarity.sum(1).max()), 1e-9)  # [S] in (0, 1]
+    # maximal marginal relevance: central, but not what is already kept
+    target = ratio * len(words(text))
+    chosen: list[int] = []
     total = 0
-    for row in np.argsort(-centrality, kind="stable"):
-        if kept and total >= target:
-            break
-        kept.append(int(row))
+    while len(chosen) < len(bags) and (not chosen or total < target):
+        redundancy = similarity[:, chosen].max(1) if chosen else np.zeros(len(bags), dtype=np.float32)
+        score = centrality - redundancy
+        score[chosen] = -np.inf
+        row = int(np.argmax(score))
+        chosen.append(row)
         total += sum(bags[row].values())
-    return " ".join(sentences[i] for i in sorted(kept))
+    return " ".join(kept_sentences[i] for i in sorted(chosen))
 
 
 @dataclass
