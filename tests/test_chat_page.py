@@ -56,7 +56,7 @@ def test_chat_page_streams_an_answer_and_names_the_expert(tmp_path, browser):
             "return Object.values(s).some(m => m.some(x => x.role === 'assistant'));"))
         assert done
         log = browser.find_element(By.ID, "log").text
-        assert "You: Hello there" in log and "(tiny)" in log
+        assert log.startswith("You:") and "Hello there" in log and "(tiny)" in log
         # the page received the whole streamed answer: what the server stored for this conversation
         conversation = browser.execute_script("return localStorage.getItem('dynlm-current')")
         shown = browser.execute_script(
