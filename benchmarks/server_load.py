@@ -65,6 +65,11 @@ class Server:
         self.process.terminate()  # graceful shutdown (SIGTERM)
         self.process.wait(60)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 async def one_request(client: httpx.AsyncClient, prompt: str, user: str | None) -> dict[str, float]:
     body = {"model": "m", "stream": True, "max_tokens": 32, "temperature": 0,
@@ -92,10 +97,11 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def level(url: str, concurrency: int, prompts: list[str], users: bool) -> dict[str, float]:
+async def level(server: Server, concurrency: int, prompts: list[str], users: bool) -> dict[str, float]:
     n = max(4, 2 * concurrency)
     gate = asyncio.Semaphore(concurrency)  # the bound: never more than `concurrency` open streams
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    cpu0 = server.cpu_seconds()
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
         async def bounded(i: int) -> dict[str, float]:
             async with gate:
                 return await one_request(client, prompts[i % len(prompts)], f"user{i % 4}" if users else None)
@@ -103,11 +109,13 @@ async def level(url: str, concurrency: int, prompts: list[str], users: bool) -> 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(n)))
         wall = time.perf_counter() - t0
+    cpu = server.cpu_seconds() - cpu0
     latencies = [r["latency"] * 1000 for r in results]
     ttfts = [r["ttft"] * 1000 for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"concurrency": concurrency, "requests": n, "completion_tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "requests_per_s": n / wall,
+            "tokens_per_s": tokens / wall, "requests_per_s": n / wall, "server_cpu_s": cpu,
+            "server_cpu_ms_per_token": 1000 * cpu / max(tokens, 1),
             "latency_p50_ms": percentile(latencies, 0.5), "latency_p95_ms": percentile(latencies, 0.95),
             "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95)}
 
@@ -123,21 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     report = {**environment(), "max_tokens": 32, "models": {}}
     lines = ["# Server throughput and latency (loopback, bounded asyncio client)", "",
              "Produced by `benchmarks/server_load.py`. Streamed chat completions, distinct prompts, greedy, "
-             "max_tokens 32 (fewer when the model ends its answer); 2 x concurrency requests per level.", "",
+             "max_tokens 32 (fewer when the model ends its answer); 2 x concurrency requests per level. Server CPU "
+             "= user + system CPU time of the server process per completion token (what serving costs, "
+             "independent of how busy the shared machine was); the other columns are wall clock.", "",
              "| model | concurrent streams | requests | completion tokens/s | requests/s | latency p50 ms "
-             "| latency p95 ms | first token p50 ms | first token p95 ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "| latency p95 ms | first token p50 ms | first token p95 ms | server CPU ms/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.model:
         name = Path(model).name
         rows = []
         with Server(model) as server:
-            asyncio.run(level(server.url, 1, prompts[100:], False))  # warm-up, not reported
+            asyncio.run(level(server, 1, prompts[100:], False))  # warm-up, not reported
             for c in (int(x) for x in args.levels.split(",")):
-                rows.append(asyncio.run(level(server.url, c, prompts, False)))
+                rows.append(asyncio.run(level(server, c, prompts, False)))
                 print(name, rows[-1])
         if args.memory:
             with tempfile.TemporaryDirectory() as tmp, Server(model, Path(tmp) / "memory.sqlite") as server:
-                asyncio.run(level(server.url, 1, prompts[100:], True))  # warm-up: loads MiniLM
-                row = asyncio.run(level(server.url, 1, prompts, True))
+                asyncio.run(level(server, 1, prompts[100:], True))  # warm-up: loads MiniLM
+                row = asyncio.run(level(server, 1, prompts, True))
                 row["memory"] = True
                 rows.append(row)
                 print(name, "memory", row)
@@ -146,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
             lines.append(f"| {name} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} "
                          f"| {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} | {r['ttft_p50_ms']:.0f} "
-                         f"| {r['ttft_p95_ms']:.0f} |")
+                         f"| {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} |")
     lines += ["", f"Device: {report['device']}. Commit {report['commit']}. The server runs every model call in one "
                   "worker thread (requests interleave token by token, batch 1 per step)."]
     write_results(args.out, "server_load", report, lines)
