@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.examples.is_file():
                 raise ConfigError(f"--examples '{args.examples}' not found")
             examples = [line.strip() for line in args.examples.read_text(encoding="utf-8").splitlines() if line.strip()]
-        stored = path.resolve()
+        stored = path.absolute()
         with contextlib.suppress(ValueError):  # keep the path relative to the registry when it lies beside it
-            stored = stored.relative_to(args.registry.resolve().parent)
+            stored = stored.relative_to(args.registry.absolute().parent)
         registry.experts[args.name] = ExpertSpec(args.name, str(stored), args.domain, args.description,
                                                  [k.strip() for k in args.keywords.split(",") if k.strip()],
                                                  list(args.regex), examples)
