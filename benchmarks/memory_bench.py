@@ -214,7 +214,11 @@ def latency_benchmark(args, prompts, encoder, env, count, count_prompt) -> None:
                             "fill_seconds_so_far": fill_seconds,
                             "db_bytes": (Path(tmp) / "latency.sqlite").stat().st_size})
             print(results[-1])
+            write_latency(args.out, env, results)  # after every size: a long run keeps what it measured
         memory.close()
+
+
+def write_latency(out: Path, env: dict, results: list[dict]) -> None:
     lines = ["# build_context latency", "",
              "Produced by `benchmarks/memory_bench.py`. One conversation grown through `add_message`; 40 queries "
              "per size, budget 1024 tokens, MiniLM + BM25 retrieval, token counts with the chat template. CPU = "
@@ -229,7 +233,7 @@ def latency_benchmark(args, prompts, encoder, env, count, count_prompt) -> None:
               f"| {r['query_embedding_cpu_p50_ms']:.1f} | {r['first_call_ms']:.0f} |" for r in results]
     lines += ["", f"Device: {env['device']} (load average about 15 on 2 cores while measured). Commit "
                   f"{env['commit']}. Compare rows with each other, not with other machines."]
-    write_results(args.out, "memory_latency", {**env, "sizes": results}, lines)
+    write_results(out, "memory_latency", {**env, "sizes": results}, lines)
 
 
 if __name__ == "__main__":
