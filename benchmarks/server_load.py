@@ -122,7 +122,8 @@ async def level(server: Server, concurrency: int, prompts: list[str], users: boo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="checkpoint to serve (repeatable)")
+    parser.add_argument("--model", action="append", required=True,
+                        help="checkpoint to serve (repeatable), optionally with its own levels: PATH:1,8")
     parser.add_argument("--levels", default="1,8,32")
     parser.add_argument("--memory", action="store_true", help="also measure concurrency 1 with a memory database")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -137,14 +138,30 @@ def main(argv: list[str] | None = None) -> int:
              "| model | concurrent streams | requests | completion tokens/s | requests/s | latency p50 ms "
              "| latency p95 ms | first token p50 ms | first token p95 ms | server CPU ms/token |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for model in args.model:
+    header = list(lines)
+
+    def save() -> None:  # after every level: a run stopped early keeps what it measured
+        body = []
+        for name, rows in report["models"].items():
+            for r in rows:
+                label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
+                body.append(f"| {name} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
+                            f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
+                            f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} |")
+        footer = ["", f"Device: {report['device']}. Commit {report['commit']}. The server runs every model call in "
+                      "one worker thread (requests interleave token by token, batch 1 per step)."]
+        write_results(args.out, "server_load", report, header + body + footer)
+
+    for spec in args.model:
+        model, _, own_levels = spec.partition(":")
         name = Path(model).name
-        rows = []
+        rows = report["models"].setdefault(name, [])
         with Server(model) as server:
             asyncio.run(level(server, 1, prompts[100:], False))  # warm-up, not reported
-            for c in (int(x) for x in args.levels.split(",")):
+            for c in (int(x) for x in (own_levels or args.levels).split(",")):
                 rows.append(asyncio.run(level(server, c, prompts, False)))
                 print(name, rows[-1])
+                save()
         if args.memory:
             with tempfile.TemporaryDirectory() as tmp, Server(model, Path(tmp) / "memory.sqlite") as server:
                 asyncio.run(level(server, 1, prompts[100:], True))  # warm-up: loads MiniLM
@@ -152,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["memory"] = True
                 rows.append(row)
                 print(name, "memory", row)
-        report["models"][name] = rows
-        for r in rows:
-            label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
-            lines.append(f"| {name} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} "
-                         f"| {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} | {r['ttft_p50_ms']:.0f} "
-                         f"| {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} |")
-    lines += ["", f"Device: {report['device']}. Commit {report['commit']}. The server runs every model call in one "
-                  "worker thread (requests interleave token by token, batch 1 per step)."]
-    write_results(args.out, "server_load", report, lines)
+                save()
     return 0
 
 
