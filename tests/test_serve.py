@@ -241,3 +241,15 @@ def test_client_disconnect_stops_generation(tmp_path):
 def test_chat_page_is_served(live):
     r = httpx.get(live.url + "/")
     assert r.status_code == 200 and "<script>" in r.text and "/v1/chat/completions" in r.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny", "prompt": "x" * 400}, "prompt"),
+    ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 9}, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_bad_completion_requests(live, body, param):
+    r = httpx.post(live.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

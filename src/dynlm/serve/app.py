@@ -181,7 +181,8 @@ class Server:
     def release(self) -> None:
         self.active -= 1
 
-    def job(self, body: _Body, expert: Expert, prompt_ids: list[int], max_tokens: int | None) -> _Job:
+    def job(self, body: _Body, expert: Expert, prompt_ids: list[int], max_tokens: int | None,
+            prompt_param: str = "messages") -> _Job:
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
         if max_tokens is None:
@@ -190,12 +191,12 @@ class Server:
             raise APIError(400, f"max_tokens must be between 1 and {self.limits.max_tokens}, got {max_tokens}",
                            "max_tokens")
         if not prompt_ids:
-            raise APIError(400, "the prompt is empty", "prompt")
+            raise APIError(400, "the prompt is empty", prompt_param)
         limit = min(self.limits.max_prompt_tokens, expert.max_positions - max_tokens)
         if len(prompt_ids) > limit:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; with max_tokens={max_tokens} at most "
                                 f"{limit} fit (model positions {expert.max_positions}, prompt limit "
-                                f"{self.limits.max_prompt_tokens})", "messages", "context_length_exceeded")
+                                f"{self.limits.max_prompt_tokens})", prompt_param, "context_length_exceeded")
         return _Job(expert, prompt_ids, max_tokens, _stop_list(body.stop), body.seed, body.temperature, body.top_p)
 
     # -- decoding ---------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def create_app(deployment: Deployment, limits: ServeLimits | None = None) -> Fas
             raise APIError(400, "logprobs are returned for non-streamed completions only", "logprobs")
         expert, reason = _choose(body, prompts[0])
         prompt_ids = expert.encode_text(prompts[0])
-        job = server.job(body, expert, prompt_ids, body.max_tokens if body.max_tokens is not None else 16)
+        job = server.job(body, expert, prompt_ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
         return await _respond(request, body, job, reason, chat=False)
 
     @app.post("/v1/chat/completions")
