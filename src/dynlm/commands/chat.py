@@ -34,7 +34,7 @@ class ChatSession:
     """One conversation with a server: history kept here too, for servers without memory."""
 
     def __init__(self, url: str, conversation: str | None, expert: str, max_tokens: int, temperature: float,
-                 out: Any = sys.stdout):
+                 out: Any = None):
         import httpx
 
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(600, connect=5))
@@ -62,8 +62,9 @@ class ChatSession:
         return [m["id"] for m in self._get("/v1/models")["data"]]
 
     def print(self, text: str = "", end: str = "\n") -> None:
-        self.out.write(text + end)
-        self.out.flush()
+        out = self.out if self.out is not None else sys.stdout  # looked up now: stdout may be replaced
+        out.write(text + end)
+        out.flush()
 
     def command(self, line: str) -> bool:
         """Handle a /command; False to quit."""
