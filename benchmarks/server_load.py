@@ -1,0 +1,177 @@
+"""Server throughput and latency under a bounded local load: `dynlm serve` in a subprocess on
+loopback, an asyncio client keeping 1, 8 or 32 streams open (each a streamed chat completion
+with a distinct prompt, max_tokens 32, greedy), 2 x concurrency requests per level (at least 4).
+
+    python benchmarks/server_load.py --model smollm2/ [--model tiny/] [--out benchmarks/results]
+
+Per level: completion tokens per second over the whole level, requests per second, latency
+(request sent -> [DONE]) p50/p95 and time to first token p50/p95. With `--memory`, one more
+level at concurrency 1 where the server has a memory database (MiniLM retrieval, context budget
+1024) and every request names a conversation: the end-to-end latency a chat user sees.
+Writes server_load.json and server_load.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from serve_common import environment, write_results  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "router"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, db: Path | None = None):
+        self.port = free_port()
+        command = [sys.executable, "-m", "dynlm", "serve", "--model", model, "--name", "m", "--port", str(self.port),
+                   "--max-concurrent", "64", "--max-tokens", "64"]
+        if db is not None:
+            command += ["--db", str(db), "--context-budget", "1024"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        deadline = time.time() + 300
+        while True:
+            try:
+                httpx.get(self.url + "/health")
+                return self
+            except httpx.TransportError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(0.3)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()  # graceful shutdown (SIGTERM)
+        self.process.wait(60)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_request(client: httpx.AsyncClient, prompt: str, user: str | None) -> dict[str, float]:
+    body = {"model": "m", "stream": True, "max_tokens": 32, "temperature": 0,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": prompt}]}
+    if user is not None:
+        body["user"] = user
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return {"latency": total, "ttft": first if first is not None else total, "tokens": tokens}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def level(server: Server, concurrency: int, prompts: list[str], users: bool) -> dict[str, float]:
+    n = max(4, 2 * concurrency)
+    gate = asyncio.Semaphore(concurrency)  # the bound: never more than `concurrency` open streams
+    cpu0 = server.cpu_seconds()
+    async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        async def bounded(i: int) -> dict[str, float]:
+            async with gate:
+                return await one_request(client, prompts[i % len(prompts)], f"user{i % 4}" if users else None)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(bounded(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    cpu = server.cpu_seconds() - cpu0
+    latencies = [r["latency"] * 1000 for r in results]
+    ttfts = [r["ttft"] * 1000 for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": n, "completion_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "requests_per_s": n / wall, "server_cpu_s": cpu,
+            "server_cpu_ms_per_token": 1000 * cpu / max(tokens, 1),
+            "latency_p50_ms": percentile(latencies, 0.5), "latency_p95_ms": percentile(latencies, 0.95),
+            "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True,
+                        help="checkpoint to serve (repeatable), optionally with its own levels: PATH:1,8")
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--memory", action="store_true", help="also measure concurrency 1 with a memory database")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    prompts = [json.loads(line)["prompt"] for line in (DATA / "heldout.jsonl").read_text().splitlines()]
+    report = {**environment(), "max_tokens": 32, "models": {}}
+    lines = ["# Server throughput and latency (loopback, bounded asyncio client)", "",
+             "Produced by `benchmarks/server_load.py`. Streamed chat completions, distinct prompts, greedy, "
+             "max_tokens 32 (fewer when the model ends its answer); 2 x concurrency requests per level. Server CPU "
+             "= user + system CPU time of the server process per completion token (what serving costs, "
+             "independent of how busy the shared machine was); the other columns are wall clock.", "",
+             "| model | concurrent streams | requests | completion tokens/s | requests/s | latency p50 ms "
+             "| latency p95 ms | first token p50 ms | first token p95 ms | server CPU ms/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = list(lines)
+
+    def save() -> None:  # after every level: a run stopped early keeps what it measured
+        body = []
+        for name, rows in report["models"].items():
+            for r in rows:
+                label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
+                body.append(f"| {name} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
+                            f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
+                            f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} |")
+        footer = ["", f"Device: {report['device']}. Commit {report['commit']}. The server runs every model call in "
+                      "one worker thread (requests interleave token by token, batch 1 per step)."]
+        write_results(args.out, "server_load", report, header + body + footer)
+
+    for spec in args.model:
+        model, _, own_levels = spec.partition(":")
+        name = Path(model).name
+        rows = report["models"].setdefault(name, [])
+        with Server(model) as server:
+            asyncio.run(level(server, 1, prompts[100:], False))  # warm-up, not reported
+            for c in (int(x) for x in (own_levels or args.levels).split(",")):
+                rows.append(asyncio.run(level(server, c, prompts, False)))
+                print(name, rows[-1])
+                save()
+        if args.memory:
+            with tempfile.TemporaryDirectory() as tmp, Server(model, Path(tmp) / "memory.sqlite") as server:
+                asyncio.run(level(server, 1, prompts[100:], True))  # warm-up: loads MiniLM
+                row = asyncio.run(level(server, 1, prompts, True))
+                row["memory"] = True
+                rows.append(row)
+                print(name, "memory", row)
+                save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Conversation memory (three levels, SQLite) and the sentence embeddings it and the router use."""
