@@ -1,7 +1,7 @@
 """The package's layers import one way (docs/architecture.md, "Layers"):
 
     core (errors, fileio, config, registry, distributed) -> nn -> models -> checkpoint
-    -> data, eval, infer -> train -> interop -> weights -> the API (`dynlm`), cli, commands
+    -> data, eval, infer, memory -> train -> interop -> weights -> the API (`dynlm`), cli, commands, serve
 
 Every `import` of a dynlm module, at the top of a file or inside a function, must go to the same
 layer or a lower one, and the module graph (all imports counted) must have no cycle: an import
@@ -27,11 +27,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("dynlm.nn",),
     ("dynlm.models",),
     ("dynlm.checkpoint",),
-    ("dynlm.data", "dynlm.eval", "dynlm.infer"),
+    ("dynlm.data", "dynlm.eval", "dynlm.infer", "dynlm.memory"),
     ("dynlm.train",),
     ("dynlm.interop",),
     ("dynlm.weights",),
-    ("dynlm", "dynlm.cli", "dynlm.__main__", "dynlm.commands"),
+    ("dynlm", "dynlm.cli", "dynlm.__main__", "dynlm.commands", "dynlm.serve"),
 ]
 
 # optional dependencies (extras) and heavy imports kept off the import of a light module
@@ -51,6 +51,7 @@ LAZY_THIRD_PARTY = {
     "torch.utils.tensorboard": "optional metrics sink",
     "uvicorn": "optional server",
     "fastapi": "optional server",
+    "httpx": "optional (the serve extra): the `dynlm chat` client",
     "huggingface_hub": "optional",
     "yaml": "optional",
 }
