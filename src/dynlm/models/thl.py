@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,6 +132,19 @@ class THLState:
     fifo: torch.Tensor  # [B, W, C] embeddings of the W previous positions, oldest first
     position: torch.Tensor  # [] int64, position of the next token
 
+    @classmethod
+    def zeros(cls, c: THLConfig, batch_size: int, device: torch.device | str | None = None) -> THLState:
+        """The state before the first token: zeros, no slot read or written."""
+        f32 = {"device": device, "dtype": torch.float32}
+        never = torch.full((batch_size, c.memory_slots), -1, device=device, dtype=torch.long)
+        return cls(tiers=torch.zeros(c.num_tiers, batch_size, c.hidden_size, **f32),
+                   memory=torch.zeros(batch_size, c.memory_slots, c.memory_dim, **f32),
+                   read_ema=torch.zeros(batch_size, c.memory_slots, **f32),
+                   write_ema=torch.zeros(batch_size, c.memory_slots, **f32),
+                   last_read=never, last_write=never.clone(),
+                   fifo=torch.zeros(batch_size, c.local_window, c.hidden_size, **f32),
+                   position=torch.zeros((), device=device, dtype=torch.long))
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
 
@@ -213,7 +227,8 @@ class NoveltyWriter(nn.Module):
         """-> (memory, write_ema, last_write, gate [B], novel [B] bool)."""
         c = self.c
         j = memory.shape[1]
-        w = clip_norm(self.write_proj(torch.cat([s_first, s_last], dim=-1)).float(), c.write_clip)  # [B, Dm]
+        s = torch.cat([s_first, s_last], dim=-1).to(self.write_proj.weight.dtype)
+        w = clip_norm(self.write_proj(s).float(), c.write_clip)  # [B, Dm]
         novelty, cos = cosine_novelty(w, memory)  # [B], [B, J]
         gate = torch.sigmoid(c.novelty_beta * (novelty - c.novelty_theta))  # [B]
         novel = novelty.detach() > c.novelty_theta
@@ -268,17 +283,8 @@ class THLModel(DynModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, max_length: int = 0) -> THLState:
         """Zeros; fp32 whatever `dtype` (recurrent state and accumulators stay fp32)."""
-        c = self.config
         device = device if device is not None else self.lm_head.weight.device
-        f32 = {"device": device, "dtype": torch.float32}
-        never = torch.full((batch_size, c.memory_slots), -1, device=device, dtype=torch.long)
-        return THLState(tiers=torch.zeros(c.num_tiers, batch_size, c.hidden_size, **f32),
-                        memory=torch.zeros(batch_size, c.memory_slots, c.memory_dim, **f32),
-                        read_ema=torch.zeros(batch_size, c.memory_slots, **f32),
-                        write_ema=torch.zeros(batch_size, c.memory_slots, **f32),
-                        last_read=never, last_write=never.clone(),
-                        fifo=torch.zeros(batch_size, c.local_window, c.hidden_size, **f32),
-                        position=torch.zeros((), device=device, dtype=torch.long))
+        return THLState.zeros(self.config, batch_size, device)
 
     def step(self, query_e: torch.Tensor, gates0: torch.Tensor, local: torch.Tensor, noise: torch.Tensor | None,
              tiers: torch.Tensor, memory: torch.Tensor, read_ema: torch.Tensor, write_ema: torch.Tensor,
