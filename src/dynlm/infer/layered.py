@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,8 +158,8 @@ class LayeredEngine:
         largest = max(self.unit_bytes, default=0)
         self.budget = None if max_gpu_memory is None else max_gpu_memory - self.resident_bytes
         if self.budget is not None and self.budget < largest:
-            raise MemoryCapError(f"--max-gpu-memory {max_gpu_memory / 1e6:.1f} MB is smaller than one layer plus the "
-                                 f"resident weights ({(largest + self.resident_bytes) / 1e6:.1f} MB)")
+            raise MemoryCapError(f"--max-gpu-memory {max_gpu_memory / 1e6:.3g} MB is smaller than one layer plus the "
+                                 f"resident weights ({(largest + self.resident_bytes) / 1e6:.3g} MB)")
         self.prefetch = prefetch
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.loaded: OrderedDict[int, torch.cuda.Event | None] = OrderedDict()  # unit -> copy-done event, LRU order
@@ -270,3 +271,29 @@ class LayeredEngine:
                 "weight_bytes": sum(self.unit_bytes) + self.resident_bytes, "resident_bytes": self.resident_bytes,
                 "bytes_copied": self.bytes_copied, "loaded_units": len(self.loaded)}
 
+
+
+def generate_texts(engine: LayeredEngine, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                   stop: Sequence[str] = (), seed: int | None = None, **sampling: Any) -> list[str]:
+    """Continuations of `prompts`, decoded together in batches of equal prompt length (no padding
+    enters the model; each weight transfer serves a whole batch). Cut at the first EOS token
+    and at the first `stop` string."""
+    # documents start with the separator token in training, so prompts do too (as in generate)
+    prefix = [tokenizer.separator_id] if getattr(tokenizer, "prepend_separator", False) else []
+    encoded = [prefix + tokenizer.encode(p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ConfigError("empty prompt", "give at least one character")
+    eos = set(getattr(tokenizer, "eos_ids", []) or [])
+    answers: dict[int, str] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    for length, rows in by_length.items():
+        batch = torch.tensor([encoded[i] for i in rows], dtype=torch.long)
+        out = engine.generate(batch, max_new_tokens, seed=seed, **sampling)[:, length:].tolist()
+        for i, new in zip(rows, out):
+            cut = next((k for k, token in enumerate(new) if token in eos), len(new))
+            text = tokenizer.decode(new[:cut])
+            ends = [text.find(s) for s in stop if s and text.find(s) >= 0]
+            answers[i] = text[:min(ends)] if ends else text
+    return [answers[i] for i in range(len(prompts))]
