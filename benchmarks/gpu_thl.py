@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip later sections past this")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(  # a copy without .git is told its commit
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    git = ["git", "rev-parse", "--short", "HEAD"]  # a copy without .git is told its commit in BENCH_COMMIT
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(git, capture_output=True, text=True,
+                                                              cwd=Path(__file__).parent).stdout.strip()
     if args.tiny:
         cfg = dict(vocab=512, train=[("standard-tiny", {}), ("thl-tiny", {})], batch=2, seq=32, steps=1,
                    contexts=[64, 256], decode=4, real=64, layered="standard-tiny", cap=2 * 2**20, batches=[1, 2],
