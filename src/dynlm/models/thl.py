@@ -206,7 +206,7 @@ class Tier(nn.Module):
         self.cell = GRUCell(d)
 
     def gates_a(self, a: torch.Tensor) -> torch.Tensor:
-        return self.input_a(self.norm_a(a))
+        return self.input_a(self.norm_a(a.to(self.input_a.weight.dtype)))
 
     def forward(self, gates_a: torch.Tensor, r: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         gates = gates_a + self.input_r(self.norm_r(r.to(gates_a.dtype)))
