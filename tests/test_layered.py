@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynlm
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer.generate import generate_ids
 from dynlm.infer.layered import LayeredEngine, MemoryCapError, parse_bytes, streamable_units
 
@@ -66,3 +66,10 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(text):
     with pytest.raises(ConfigError):
         parse_bytes(text)
+
+
+def test_context_longer_than_the_positions_is_an_error():
+    engine = LayeredEngine(tiny("standard"), device="cpu")
+    limit = engine.model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match=str(limit)):
+        engine.generate(torch.zeros(1, 8, dtype=torch.long), max_new_tokens=limit)

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.engine == "layered":
         return run_layered(args, prompts)
+    if args.max_gpu_memory or args.int8:
+        raise ConfigError("--max-gpu-memory and --int8 apply to the layered engine", "add --engine layered")
     model = dynlm.load_pretrained(args.model, device=args.device)
     tokenizer = dynlm.load_tokenizer(args.model)
     chat = bool(getattr(tokenizer, "chat_template", None)) if args.chat is None else args.chat
