@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p.add_argument("--no-graphs", action="store_true",
                    help="decode eagerly (the reference path); by default CUDA decodes with captured graph steps")
+    p.add_argument("--engine", choices=["default", "layered"], default="default",
+                   help="layered: weights in host memory, streamed to --device layer by layer")
+    p.add_argument("--max-gpu-memory", help="layered engine: cap on the weights held on the device, e.g. 300MB")
+    p.add_argument("--int8", action="store_true", help="layered engine: stream int8 weights (weight-only)")
     p.set_defaults(handler=run)
 
 
@@ -46,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no prompt given", "use --prompt TEXT or --prompt-file FILE")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.engine == "layered":
+        return run_layered(args, prompts)
+    if args.max_gpu_memory or args.int8:
+        raise ConfigError("--max-gpu-memory and --int8 apply to the layered engine", "add --engine layered")
     model = dynlm.load_pretrained(args.model, device=args.device)
     tokenizer = dynlm.load_tokenizer(args.model)
     chat = bool(getattr(tokenizer, "chat_template", None)) if args.chat is None else args.chat
@@ -60,4 +68,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, **options)):
         print(f"### {prompt}\n{answer}\n")
+    return 0
+
+
+def run_layered(args: argparse.Namespace, prompts: list[str]) -> int:
+    """--engine layered: the model stays in host memory and is streamed to --device."""
+    import dynlm
+    from dynlm.infer.layered import LayeredEngine, generate_texts, parse_bytes
+
+    cap = parse_bytes(args.max_gpu_memory) if args.max_gpu_memory else None
+    model = dynlm.load_pretrained(args.model, device="cpu")
+    tokenizer = dynlm.load_tokenizer(args.model)
+    engine = LayeredEngine(model, device=args.device, max_gpu_memory=cap, int8=args.int8)
+    answers = generate_texts(engine, tokenizer, prompts, args.max_new_tokens, stop=args.stop, seed=args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty)
+    for prompt, answer in zip(prompts, answers):
+        print(answer if len(prompts) == 1 else f"### {prompt}\n{answer}\n")
     return 0

@@ -6,6 +6,9 @@ clipped, and fused AdamW. A step whose gradient norm is not finite is skipped on
 fused optimizer's `found_inf`), so the loop never waits for the GPU except to log; the skipped
 steps are counted and the run stops with a clear message after `max_nan_steps` in a row.
 
+A recurrent model that sets `bptt_chunk` is trained with truncated BPTT (each micro-batch fed in
+chunks, the state carried detached; see `TrainStep._truncated_bptt`).
+
 Validation (loss, bits per byte) runs every `eval_every` steps; checkpoints every `save_every`
 (see checkpointing.py). Metrics go to `metrics.jsonl` (and TensorBoard when installed)."""
 
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynlm import distributed
@@ -94,15 +98,19 @@ class TrainStep:
         loss_sum: torch.Tensor | None = None
         aux_sum: torch.Tensor | None = None
         out = None
+        chunk = getattr(self.model, "bptt_chunk", None)
         for i, input_ids in enumerate(batches):
             set_gradient_sync(self.sync_module, i == n - 1)
-            with distributed.autocast(self.device, self.dtype):
-                out = self.module(input_ids, labels=input_ids)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-            (loss / n).backward()
-            loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
-            if out.aux_loss is not None:
-                aux = out.aux_loss.detach().float()
+            if chunk and chunk < input_ids.shape[1]:
+                out, ce, aux = self._truncated_bptt(input_ids, chunk, n)
+            else:
+                with distributed.autocast(self.device, self.dtype):
+                    out = self.module(input_ids, labels=input_ids)
+                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                (loss / n).backward()
+                ce, aux = out.loss.detach(), None if out.aux_loss is None else out.aux_loss.detach().float()
+            loss_sum = ce if loss_sum is None else loss_sum + ce
+            if aux is not None:
                 aux_sum = aux if aux_sum is None else aux_sum + aux
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.clip > 0:
@@ -121,6 +129,37 @@ class TrainStep:
         assert out is not None and loss_sum is not None
         return StepOutput(loss=loss_sum / n, aux_loss=None if aux_sum is None else aux_sum / n,
                           grad_norm=norm.detach(), nonfinite=nonfinite, metrics=out.metrics)
+
+
+    def _truncated_bptt(self, input_ids: torch.Tensor, chunk: int, n: int,
+                        ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        """Truncated backpropagation through time for recurrent models (`model.bptt_chunk`): the
+        sequence is fed in chunks with the state carried; each chunk's loss is backpropagated
+        before the next chunk runs and the state is detached between chunks, so activation
+        memory is bounded by the chunk length. The loss is the full sequence's mean
+        next-token cross-entropy (the last token of a chunk predicts the first of the next).
+        The gradient reaching a chunk from later ones is cut: that is the truncation."""
+        b, t = input_ids.shape
+        targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # [B, T]; the last token predicts nothing
+        count = (targets != -100).sum()
+        state = self.model.init_state(b, device=input_ids.device)
+        ce_total = torch.zeros((), device=input_ids.device)
+        aux_total: torch.Tensor | None = None
+        pieces = range(0, t, chunk)
+        for start in pieces:
+            with distributed.autocast(self.device, self.dtype):
+                out = self.module(input_ids[:, start:start + chunk], state=state)
+            piece = targets[:, start:start + chunk]
+            ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), piece.reshape(-1),
+                                 ignore_index=-100, reduction="sum") / count
+            loss = ce if out.aux_loss is None else ce + out.aux_loss / len(pieces)
+            (loss / n).backward()
+            ce_total += ce.detach()
+            if out.aux_loss is not None:
+                aux = out.aux_loss.detach().float() / len(pieces)
+                aux_total = aux if aux_total is None else aux_total + aux
+            state = out.state.detach()
+        return out, ce_total, aux_total
 
 
 def _is_sharded(params: list[torch.Tensor]) -> bool:

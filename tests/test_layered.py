@@ -1,0 +1,75 @@
+"""The layered engine gives the normal forward's logits for every registered architecture, with
+its weights streamed from host memory (on CPU here: no GPU needed), under a cap that forces it to
+evict and reload units."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynlm
+from dynlm.errors import ConfigError, ContextLengthError
+from dynlm.infer.generate import generate_ids
+from dynlm.infer.layered import LayeredEngine, MemoryCapError, parse_bytes, streamable_units
+
+VOCAB = 97
+ARCHITECTURES = dynlm.list_architectures()
+
+
+def tiny(arch: str):
+    torch.manual_seed(0)
+    return dynlm.build_model(f"{arch}-tiny", vocab_size=VOCAB).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_streamed_logits_equal_the_normal_forward(arch):
+    model = tiny(arch)
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x).logits
+        expected_ids = generate_ids(model, x[:, :6], max_new_tokens=5)
+    units = streamable_units(model)
+    largest = max(sum(p.numel() * 4 for p in u.parameters()) for u in units)
+    resident = sum(p.numel() * 4 for p in model.parameters()) - sum(
+        p.numel() * 4 for p in {id(p): p for u in units for p in u.parameters()}.values())
+    engine = LayeredEngine(model, device="cpu", max_gpu_memory=resident + 3 * largest // 2)  # one unit at a time
+    state = engine.init_state(2)
+    first = engine(x[:, :4], state=state)
+    rest = engine(x[:, 4:], state=first.state)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-5, rtol=1e-5)
+    assert engine.bytes_copied > sum(engine.unit_bytes)  # units were evicted and streamed again
+    assert torch.equal(engine.generate(x[:, :6], max_new_tokens=5), expected_ids)
+
+
+def test_int8_weights_stay_close():
+    model = tiny("standard")
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        full = model(x).logits
+    engine = LayeredEngine(model, device="cpu", int8=True)
+    quantized = engine(x).logits
+    assert (quantized - full).abs().max() < 0.05 * full.abs().max()
+    assert sum(engine.transfer_bytes) < 0.3 * sum(engine.unit_bytes)  # int8 + one scale per row vs fp32
+
+
+def test_memory_cap_smaller_than_a_layer_is_an_error():
+    with pytest.raises(MemoryCapError, match="smaller than one layer"):
+        LayeredEngine(tiny("standard"), device="cpu", max_gpu_memory=1000)
+
+
+@pytest.mark.parametrize("text,value", [("300MB", 300_000_000), ("4GiB", 4 * 2**30), ("1.5 GB", 1_500_000_000)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["300XB", "-1GB", "GB", "0"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_bytes(text)
+
+
+def test_context_longer_than_the_positions_is_an_error():
+    engine = LayeredEngine(tiny("standard"), device="cpu")
+    limit = engine.model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match=str(limit)):
+        engine.generate(torch.zeros(1, 8, dtype=torch.long), max_new_tokens=limit)
