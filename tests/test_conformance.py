@@ -77,7 +77,8 @@ def test_causal_and_rows_independent(arch, mode):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_caching_is_explicit(arch, mode):
     """A plain forward returns no state in either mode; a state passed in is continued and
-    returned; use_cache=True starts one and returns it. The plain forward's logits are the same
+    returned (updated in place, like a KV cache, or as a new object, like a recurrent state);
+    use_cache=True starts one and returns it. The plain forward's logits are the same
     as the cached one's."""
     model = tiny(arch).train(mode == "train")
     x = tokens(batch=2, length=10)
@@ -88,13 +89,13 @@ def test_caching_is_explicit(arch, mode):
         assert cached.state is not None
         state = model.init_state(2)
         passed = model(x, state=state)
-        assert passed.state is state
+        assert passed.state is not None
     if mode == "eval":  # training routes by top-k over the sequence; the cached path by its mask
         torch.testing.assert_close(cached.logits, plain.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(passed.logits, plain.logits, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the returned state continues the sequence
         more = model(x[:, :3], state=cached.state)
-    assert more.state is cached.state
+    assert more.state is not None
 
 
 # chunk lengths fed one after another: a prefill, a second multi-token chunk while the cache is
