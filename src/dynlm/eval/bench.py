@@ -195,6 +195,35 @@ def _prefill(model: torch.nn.Module, prompt: torch.Tensor, capacity: int, dtype:
 
 
 @torch.inference_mode()
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Prefill `prompt` [B, T] into a fresh state, then `decode_tokens` greedy steps of one token
+    per row: decode and prefill tokens/s (all rows) and the state's bytes at the end. `model` is
+    in eval mode, on the prompt's device, its weights in `dtype`."""
+    device = prompt.device
+    batch, context = prompt.shape
+    capacity = context + decode_tokens
+    _prefill(model, prompt, capacity, dtype)  # warm-up: kernels, allocator
+    _synchronize(device)
+    start = time.perf_counter()
+    out = _prefill(model, prompt, capacity, dtype)
+    _synchronize(device)
+    prefill_seconds = time.perf_counter() - start
+    next_token = out.logits[:, -1:].argmax(-1)  # [B, 1]
+    state = out.state
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(next_token, state=state)
+        state = out.state
+        next_token = out.logits[:, -1:].argmax(-1)
+    _synchronize(device)
+    decode_seconds = time.perf_counter() - start
+    return {"context": context, "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
+            "ms_per_token": 1000 * decode_seconds / decode_tokens,
+            "prefill_tokens_per_s": batch * context / prefill_seconds,
+            "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device)}
+
+
 def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     longest = max(cfg.decode_contexts) + cfg.decode_tokens
     model = _build(cfg, max_position_embeddings=max(longest, 16)).to(device=device, dtype=dtype).eval()
@@ -203,27 +232,7 @@ def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
     for context in cfg.decode_contexts:
         _reset_memory(device)
         prompt = torch.randint(0, vocab, (cfg.decode_batch, context), device=device)
-        capacity = context + cfg.decode_tokens
-        _prefill(model, prompt, capacity, dtype)  # warm-up: kernels, allocator
-        _synchronize(device)
-        start = time.perf_counter()
-        out = _prefill(model, prompt, capacity, dtype)
-        _synchronize(device)
-        prefill_seconds = time.perf_counter() - start
-        next_token = out.logits[:, -1:].argmax(-1)  # [B, 1]
-        state = out.state
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(cfg.decode_tokens):
-            out = model(next_token, state=state)
-            state = out.state
-            next_token = out.logits[:, -1:].argmax(-1)
-        _synchronize(device)
-        decode_seconds = time.perf_counter() - start
-        rows.append({"context": context, "decode_tokens_per_s": cfg.decode_batch * cfg.decode_tokens / decode_seconds,
-                     "ms_per_token": 1000 * decode_seconds / cfg.decode_tokens,
-                     "prefill_tokens_per_s": cfg.decode_batch * context / prefill_seconds,
-                     "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device)})
+        rows.append(decode_speed(model, prompt, cfg.decode_tokens, dtype))
     return rows
 
 
