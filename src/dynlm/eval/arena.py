@@ -556,9 +556,9 @@ def verdicts(summary: dict[str, dict[str, dict[str, Any]]], infos: dict[str, Arc
                 sentence += f"; training {speed['mean'] / dense_speed['mean']:.2f}x {dense_name}'s tokens/s"
             at_steps = groups.get(f"{dense_name}@{arch} steps")
             if at_steps is not None and "val_bpb" in at_steps and "val_bpb" in entry:
+                same = at_steps["val_bpb"]["mean"]
                 sentence += (f"; {dense_name} trained for the same {at_steps['steps']['mean']:.0f} steps reached "
-                             f"{at_steps['val_bpb']['mean']:.4f} ({_pct(entry['val_bpb']['mean'], at_steps['val_bpb']['mean'])} "
-                             f"for {arch})")
+                             f"{same:.4f} ({_pct(entry['val_bpb']['mean'], same)} for {arch})")
             if "val_topk_bpb" in entry and "val_bpb" in entry:
                 sentence += (f"; top-k routing scores {entry['val_topk_bpb']['mean']:.4f} "
                              f"({_pct(entry['val_bpb']['mean'], entry['val_topk_bpb']['mean'])} for the causal router)")
@@ -679,13 +679,15 @@ def to_markdown(report: dict[str, Any]) -> str:
                     else ""
                 agree = f"{r['causal_agreement']:.3f} / {r['never_route_agreement']:.3f}" \
                     if "causal_agreement" in r and "never_route_agreement" in r else ""
-                mem = "n/a (CPU)" if not e.get("peak_memory_bytes") else f"{e['peak_memory_bytes']['mean'] / 2**30:.2f} GiB"
+                memory = e.get("peak_memory_bytes")
+                mem = "n/a (CPU)" if not memory else f"{memory['mean'] / 2**30:.2f} GiB"
                 mfu_text = "n/a" if not e.get("mfu") else f"{100 * e['mfu']['mean']:.1f}%"
                 lines.append(f"| {group} | {len(e['seeds'])} | {e['steps']['mean']:.0f} | {e['tokens']['mean']:,.0f} | "
                              f"{e['train_flops']['mean']:.3g} | {e['train_seconds']['mean']:.1f} | "
                              f"{e['cpu_seconds']['mean']:.1f} | {_fmt(e.get('train_tokens_per_s'))} | "
-                             f"{_fmt(e.get('train_bytes_per_s'))} | {mfu_text} | {mem} | {_bpb_cell(e.get('val_bpb'))} | "
-                             f"{_bpb_cell(e.get('test_bpb'))} | {_bpb_cell(e.get('val_topk_bpb'))} | {share} | {agree} |")
+                             f"{_fmt(e.get('train_bytes_per_s'))} | {mfu_text} | {mem} | "
+                             f"{_bpb_cell(e.get('val_bpb'))} | {_bpb_cell(e.get('test_bpb'))} | "
+                             f"{_bpb_cell(e.get('val_topk_bpb'))} | {share} | {agree} |")
             lines.append("")
     decode_rows = [(a["arch"], d) for a in report["arms"] if a.get("decode") for d in a["decode"]]
     if decode_rows:
@@ -693,7 +695,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"Batch {report['decode']['batch']} with a different prompt per row (taken from the training "
                   f"split), {report['decode']['tokens']} greedy tokens; the context is the tokens in the state at the "
                   "end. Weights in the training dtype; routed models decode with the causal router.", "",
-                  "| architecture | context | decode tokens/s | prefill tokens/s | state bytes |", "|---|---|---|---|---|"]
+                  "| architecture | context | decode tokens/s | prefill tokens/s | state bytes |",
+                  "|---|---|---|---|---|"]
         for arch, d in decode_rows:
             if "skipped" in d:
                 lines.append(f"| {arch} | {d['context']:,} | not measured: {d['skipped']} | | |")

@@ -195,7 +195,8 @@ def _prefill(model: torch.nn.Module, prompt: torch.Tensor, capacity: int, dtype:
 
 
 @torch.inference_mode()
-def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int,
+                 dtype: torch.dtype) -> dict[str, Any]:
     """Prefill `prompt` [B, T] into a fresh state, then `decode_tokens` greedy steps of one token
     per row: decode and prefill tokens/s (all rows) and the state's bytes at the end. `model` is
     in eval mode, on the prompt's device, its weights in `dtype`."""
