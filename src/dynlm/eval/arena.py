@@ -257,11 +257,11 @@ def plan_arms(settings: Settings, tier: ArenaTier, infos: dict[str, ArchInfo], t
             if budget.kind == "tokens":
                 steps[arch] = math.ceil(budget.value / tokens_per_step)
             elif budget.kind == "flops":
-                steps[arch] = int(budget.value // (infos[arch].flops_per_token * tokens_per_step))
+                steps[arch] = math.floor(budget.value / (infos[arch].flops_per_token * tokens_per_step) + 1e-9)
             else:
                 if arch not in measured:
                     measured[arch] = step_seconds(arch)
-                steps[arch] = int(budget.value // measured[arch])
+                steps[arch] = math.floor(budget.value / measured[arch] + 1e-9)
             if steps[arch] < 1:
                 raise ConfigError(f"budget {budget.text} is less than one training step of '{arch}'",
                                   "raise the budget")
