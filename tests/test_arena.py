@@ -99,7 +99,8 @@ def test_tiny_arena_trains_scores_and_reports(finished):
         short, long = arm["decode"]
         assert short["context"] == 24 and short["batch"] == 2 and short["decode_tokens_per_s"] > 0
         assert long == {"context": 4096, "skipped": "beyond the model's 1024 positions"}
-    assert report["architectures"]["mod"]["within_tolerance"] and report["architectures"]["standard"]["param_delta"] == 0
+    architectures = report["architectures"]
+    assert architectures["mod"]["within_tolerance"] and architectures["standard"]["param_delta"] == 0
     assert set(report["verdicts"]) == {"standard", "mod"} and "val" in report["verdicts"]["mod"]
     md = (out / "report.md").read_text()
     assert "Partial report" not in md and "| mod |" in md and "not measured: beyond the model's 1024 positions" in md
@@ -187,7 +188,7 @@ def test_missing_preset_is_a_stated_skip(finished, tmp_path, monkeypatch, corpus
 def test_budgets_become_step_counts():
     infos = {"standard": ArchInfo("standard", "standard-x", params=100, flops_per_token=1000.0),
              "mod": ArchInfo("mod", "mod-x", params=101, flops_per_token=500.0, routed=True, capacity=0.125)}
-    tier = ArenaTier(seeds=[0, 1])
+    tier = ArenaTier(seeds=[0, 1], dense_at_routed_steps=["flops", "seconds"])
     settings = Settings("x", {}, ["tokens=2500", "flops=1e7", "seconds=3"], [0, 1], None, [])
     times = {"standard": 0.2, "mod": 0.1}
     arms = plan_arms(settings, tier, infos, tokens_per_step=100, step_seconds=times.__getitem__)

@@ -18,8 +18,9 @@ trained by the one trainer (`dynlm.train.train`) and scored by the one evaluator
               steps), so the learning-rate schedule ends with the budget; a run still going at
               S seconds of training is stopped there (and says so)
 
-Under a FLOPs or seconds budget the dense architecture (`dense`, normally `standard`) also trains
-at each routed architecture's step count, so "more steps" and "better architecture" separate.
+Under the budget kinds in `dense_at_routed_steps` (default: flops) the dense architecture
+(`dense`, normally `standard`) also trains at each routed architecture's step count, so "more
+steps" and "better architecture" separate.
 Routed models are scored with the causal router (what generation runs) and with top-k; the causal
 router's routed share is reported next to the trained capacity, and its agreement with top-k next
 to the trivial never-route baseline (1 - capacity).
@@ -40,7 +41,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +54,7 @@ import torch
 import dynlm
 from dynlm.config import CONFIG_ROOT, deep_merge, list_model_presets, load_yaml, parse_overrides, to_dataclass
 from dynlm.errors import CheckpointError, ConfigError, DynlmError, OutputExistsError, did_you_mean
-from dynlm.eval.bench import BenchConfig, bench_train, decode_speed
+from dynlm.eval.bench import BenchConfig, bench_train, decode_speed, source_commit
 from dynlm.eval.evaluate import evaluate
 from dynlm.eval.flops import device_name, mfu, peak_flops
 from dynlm.registry import get_architecture, list_architectures
@@ -107,7 +107,8 @@ class ArenaTier:
     budgets: list[str] = field(default_factory=lambda: ["tokens=1e6"])
     seeds: list[int] = field(default_factory=lambda: [0])
     dense: str = "standard"  # the baseline every other architecture is compared with
-    dense_at_routed_steps: bool = True  # FLOPs/seconds budgets: dense also at each routed model's steps
+    dense_at_routed_steps: list[str] = field(default_factory=lambda: ["flops"])  # budget kinds where the dense
+    # model also trains at each routed architecture's step count
     param_tolerance: float = 0.05  # parameter counts must be within this fraction of the dense model's
     eval_bytes: int | None = 65536  # UTF-8 bytes scored per split (evenly spaced pieces); null: whole split
     eval_splits: list[str] = field(default_factory=lambda: ["val", "test"])
@@ -130,6 +131,9 @@ class ArenaTier:
             raise ConfigError("arena.decode_batch must be >= 2 (batch-1 decoding hides what batching costs)")
         if self.decode_tokens < 1 or any(c <= self.decode_tokens for c in self.decode_contexts):
             raise ConfigError("arena.decode_contexts must each exceed arena.decode_tokens (>= 1)")
+        for kind in self.dense_at_routed_steps:
+            if kind not in BUDGET_KINDS:
+                raise ConfigError(f"bad budget kind '{kind}' in arena.dense_at_routed_steps", "valid: flops, seconds")
         for split in self.eval_splits:
             if split not in ("val", "test"):
                 raise ConfigError(f"bad split '{split}' in arena.eval_splits", "valid: val, test")
@@ -269,7 +273,7 @@ def plan_arms(settings: Settings, tier: ArenaTier, infos: dict[str, ArchInfo], t
             for arch in active:
                 arms.append(Arm(f"{budget.kind}-{arch}-s{seed}", budget, arch, seed, steps[arch]))
             dense = tier.dense
-            if budget.kind != "tokens" and tier.dense_at_routed_steps and dense in steps:
+            if budget.kind in tier.dense_at_routed_steps and dense in steps:
                 for arch in active:
                     if infos[arch].routed and steps[arch] != steps[dense]:
                         arms.append(Arm(f"{budget.kind}-{dense}-at-{arch}-steps-s{seed}", budget, dense, seed,
@@ -453,6 +457,7 @@ def run_arm(arm: Arm, settings: Settings, tier: ArenaTier, info: ArchInfo, out_d
         if recall is not None:
             result["recall"] = recall(model, tokenizer, **tier.recall)
     result["eval_seconds"] = time.perf_counter() - t0 - wall
+    result["eval_cpu_seconds"] = time.process_time() - c0 - cpu
     return result
 
 
@@ -600,19 +605,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return {"device": device_name(device), "platform": platform.platform(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "load_average": None if load is None else [round(v, 2) for v in load]}
-
-
-def git_commit() -> str | None:
-    """The commit of the dynlm source tree that ran (with '-dirty' when it has changes), if any."""
-    source = Path(dynlm.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=source, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=source,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "") if commit else None
 
 
 def _fmt(entry: dict[str, Any] | None, key: str = "mean", fmt: str = "{:,.0f}") -> str:
@@ -949,7 +941,7 @@ def run_arena(tier: str | Path | dict[str, Any] | None, out_dir: str | Path, *, 
                                   "start a new arena folder or use --force")
     state = ArenaState(name, settings, tier_obj, infos, arms, results, out_dir, shared, device,
                        time.strftime("%Y-%m-%d %H:%M:%S"), command or f"dynlm arena {name}",
-                       machine_info(device), git_commit())
+                       machine_info(device), source_commit())
     extras_done = {results[a.id]["arch"] for a in arms if a.id in results and results[a.id].get("decode")}
     write_report(state, "running", plots=False)
     bar = tqdm(total=len(arms), initial=len(results), unit="arm", disable=not progress, file=sys.stderr,

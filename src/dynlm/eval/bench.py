@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +107,20 @@ def parse_compare(items: list[str]) -> dict[str, list[str]]:
             raise ConfigError(f"bad --compare '{item}'", "expected key=value1,value2, e.g. compile=on,off")
         out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     return out
+
+
+def source_commit() -> str | None:
+    """The git commit of the dynlm source that runs ('-dirty' when it has uncommitted changes), for
+    results files; $DYNLM_COMMIT where the source is a copy without git metadata; else None."""
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=source, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=source,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("DYNLM_COMMIT") or None
+    return commit + ("-dirty" if dirty else "") if commit else os.environ.get("DYNLM_COMMIT") or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +295,7 @@ def run_suite(configs: list[BenchConfig], title: str = "dynlm bench",
         if base and "train" in r:
             r["train"]["ratio"] = r["train"]["tokens_per_s"] / base
     return {"title": title, "device": device_name(device), "device_type": device.type,
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": source_commit(),
             "peak_flops": peak, "peak_source": peak_source,
             "mfu_formula": "MFU = train tokens/s x FLOPs per token / peak; FLOPs per token = model.flops_per_token"
                            "(seq_len) = 6·N + 12·L·H·Q·T (nanoGPT; N = parameters in matmuls)",
