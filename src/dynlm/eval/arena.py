@@ -102,6 +102,7 @@ def parse_budget(text: str) -> Budget:
 class ArenaTier:
     description: str = ""
     preset_suffix: str = "quick"  # an architecture's model preset is <arch>-<preset_suffix>
+    presets: dict[str, str] = field(default_factory=dict)  # arch -> preset, where the name differs
     run: dict[str, Any] = field(default_factory=dict)  # the run config every arm starts from
     arch_overrides: dict[str, Any] = field(default_factory=dict)  # arch -> run-config changes (e.g. a tokenizer)
     budgets: list[str] = field(default_factory=lambda: ["tokens=1e6"])
@@ -201,9 +202,14 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def preset_of(tier: ArenaTier, arch: str) -> str:
+    """The model preset an architecture trains in this tier."""
+    return tier.presets.get(arch, f"{arch}-{tier.preset_suffix}")
+
+
 def _arm_run_config(settings: Settings, tier: ArenaTier, arch: str) -> dict[str, Any]:
     """The run config of an architecture: the tier's run, its preset, its overrides, the user's."""
-    base = deep_merge(tier.run, {"model": {"preset": f"{arch}-{tier.preset_suffix}"}},
+    base = deep_merge(tier.run, {"model": {"preset": preset_of(tier, arch)}},
                       tier.arch_overrides.get(arch) or {}, parse_overrides(settings.run_overrides))
     return base
 
@@ -218,7 +224,7 @@ def describe_architectures(settings: Settings, tier: ArenaTier, data: dict[str, 
     presets = set(list_model_presets())
     infos: dict[str, ArchInfo] = {}
     for arch in wanted:
-        preset = f"{arch}-{tier.preset_suffix}"
+        preset = preset_of(tier, arch)
         info = ArchInfo(arch, preset)
         infos[arch] = info
         if preset not in presets:
@@ -349,8 +355,9 @@ def measure_decode(model: torch.nn.Module, tokens: np.ndarray, tier: ArenaTier, 
             row = decode_speed(model, prompt, tier.decode_tokens, dtype)
             row.update(context=context, batch=tier.decode_batch)
             rows.append(row)
-        except torch.OutOfMemoryError:
-            rows.append({"context": context, "skipped": "out of memory"})
+        except RuntimeError as e:  # out of memory (a subclass) or a kernel that refuses the length
+            reason = "out of memory" if isinstance(e, torch.OutOfMemoryError) else str(e).splitlines()[0][:200]
+            rows.append({"context": context, "skipped": reason})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -987,7 +994,7 @@ def calibrate_step_seconds(settings: Settings, tier: ArenaTier, arch: str, data:
     tokenizer = _tokenizer_and_splits(run, data)[0]
     config = resolve_model_config(run, tokenizer.vocab_size)
     fields = {k: v for k, v in config.to_dict().items() if k != "type"}
-    bench = BenchConfig(model=f"{arch}-{tier.preset_suffix}", overrides=fields, seq_len=run.data.seq_len,
+    bench = BenchConfig(model=preset_of(tier, arch), overrides=fields, seq_len=run.data.seq_len,
                         batch=run.train.batch_size, steps=tier.calibration_steps, warmup=2, forward=False,
                         device=run.train.device, dtype=run.train.dtype, compile=run.train.compile)
     device = resolve_device(bench.device)
