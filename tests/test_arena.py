@@ -246,3 +246,13 @@ def test_quick_tier(tmp_path, monkeypatch):
     for budget in report["budgets"]:
         for arch in active:
             assert report["summary"][parse_budget(budget).text][arch]["val_bpb"]["n"] == 3
+
+
+def test_cli_resume_of_a_finished_arena_prints_the_table(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert main(["arena", "--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| architecture | val bpb, tokens=384 |" in printed
+    assert f"report: {out / 'report.md'}" in printed
+    mod = json.loads((out / "report.json").read_text())["summary"]["tokens=384"]["mod"]["val_bpb"]
+    assert f"| mod | {mod['mean']:.4f} ± 0.0000 (n=1) |" in printed

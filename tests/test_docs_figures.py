@@ -2,9 +2,9 @@
 
 A figure is a number carrying a unit of speed (tokens/s, bytes/s, ms, TFLOP/s), size (KB ... GiB)
 or bits per byte, in prose or in a table column whose header names such a unit. It must equal,
-at the precision written, a number in a file under benchmarks/results/, or sit on a line (or in a
-table) that says "quoted" and names where it comes from. Fenced code blocks (commands and their
-sample output) are not checked."""
+at the precision written, a number in a file under benchmarks/results/, or sit in a paragraph (or a
+table, or the paragraph introducing it) that says "quoted" and names where it comes from. Fenced
+code blocks (commands and their sample output) are not checked."""
 
 from __future__ import annotations
 
@@ -51,37 +51,48 @@ def matches(figure: str, numbers: set[str], cache: dict[int, set[str]]) -> bool:
     return f"{float(plain):.{decimals}f}" in cache[decimals]
 
 
+def blocks_of(text: str) -> list[list[tuple[int, str]]]:
+    """Paragraphs and tables: runs of non-blank lines, with their line numbers."""
+    blocks: list[list[tuple[int, str]]] = [[]]
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            blocks[-1].append((number, line))
+        elif blocks[-1]:
+            blocks.append([])
+    return [b for b in blocks if b]
+
+
 def doc_figures() -> list[tuple[str, int, str, str]]:
-    """(doc, line number, figure, line) of every figure outside code blocks and quoted lines."""
+    """(doc, line number, figure, line) of every figure outside code blocks and quoted passages:
+    a paragraph that says "quoted", or a table whose header or introducing paragraph does."""
     found = []
     for doc in DOCS:
-        text = doc.read_text()
-        text = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
-        lines = text.splitlines()
-        header: list[str] | None = None
-        table_quoted = False
-        for number, line in enumerate(lines, 1):
-            if line.startswith("|"):
-                cells = [c.strip() for c in line.strip().strip("|").split("|")]
-                if header is None:
-                    header, table_quoted = cells, "quoted" in line.lower()
-                    continue
-                if set("".join(cells)) <= set("-: "):
-                    continue
-                if table_quoted or "quoted" in line.lower():
-                    continue
-                for cell, title in zip(cells, header):
-                    if UNIT_HEADER.search(title) and not FIGURE.search(cell):
-                        for figure in re.findall(r"(?<![\w.])" + NUMBER + r"(?![\w.])", cell.replace("**", "")):
-                            found.append((doc.name, number, figure, line))
-            else:
-                header, table_quoted = None, False
-            if "quoted" in line.lower():
+        text = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), doc.read_text())
+        previous_quoted = False
+        for block in blocks_of(text):
+            quoted = any("quoted" in line.lower() for _, line in block)
+            is_table = block[0][1].startswith("|")
+            if quoted or (is_table and previous_quoted):
+                previous_quoted = quoted
                 continue
-            for match in RANGE.finditer(line):
-                found += [(doc.name, number, match.group(1), line), (doc.name, number, match.group(2), line)]
-            for match in FIGURE.finditer(RANGE.sub("", line)):
-                found.append((doc.name, number, match.group(1), line))
+            previous_quoted = quoted
+            header: list[str] = []
+            for number, line in block:
+                if is_table and line.startswith("|"):
+                    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                    if not header:
+                        header = cells
+                        continue
+                    if set("".join(cells)) <= set("-: "):
+                        continue
+                    for cell, title in zip(cells, header):
+                        if UNIT_HEADER.search(title) and not FIGURE.search(cell):
+                            for figure in re.findall(r"(?<![\w.])" + NUMBER + r"(?![\w.])", cell.replace("**", "")):
+                                found.append((doc.name, number, figure, line))
+                for match in RANGE.finditer(line):
+                    found += [(doc.name, number, match.group(1), line), (doc.name, number, match.group(2), line)]
+                for match in FIGURE.finditer(RANGE.sub("", line)):
+                    found.append((doc.name, number, match.group(1), line))
     return found
 
 
