@@ -21,16 +21,7 @@ import time
 from pathlib import Path
 
 from dynlm.eval.bench import source_commit
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from quickstart_cpu import cpu_model  # this folder: the script's own
 
 
 def main(argv: list[str] | None = None) -> int:
