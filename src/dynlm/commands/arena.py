@@ -78,7 +78,11 @@ def _summary_table(report: dict) -> str:
         cells = []
         for b in budgets:
             entry = report["summary"][b].get(group, {}).get("val_bpb")
-            cells.append("" if entry is None else f"{entry['mean']:.4f} ± {entry['std']:.4f} (n={entry['n']})")
+            if entry is None:
+                cells.append("")
+            else:
+                spread = f" ± {entry['std']:.4f}" if entry["n"] > 1 else ""
+                cells.append(f"{entry['mean']:.4f}{spread} (n={entry['n']})")
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     skipped = [f"{a}: {info['skip']}" for a, info in report["architectures"].items() if info["skip"]]
     if skipped:
