@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.arena_dir.exists():
         shutil.rmtree(args.arena_dir)
     command = [sys.executable, "-m", "dynlm", "arena", "quick", "--out", str(args.arena_dir), *args.arena_args]
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), source_commit()  # the code that runs, not HEAD at the end
     start = time.perf_counter()
     completed = subprocess.run(command, check=False)
     wall = time.perf_counter() - start
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "cpu": cpu_model(),
               "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "load_average_before": [round(v, 2) for v in load_before],
-              "load_average_after": [round(v, 2) for v in load_after], "commit": source_commit(),
+              "load_average_after": [round(v, 2) for v in load_after], "commit": commit,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arena_quick_cpu.json").write_text(json.dumps({"timing": timing, "report": report}, indent=2) + "\n")
