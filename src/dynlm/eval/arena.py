@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import importlib
 import json
@@ -418,7 +419,11 @@ def run_arm(arm: Arm, settings: Settings, tier: ArenaTier, info: ArchInfo, out_d
                   "progress": False, "final_eval": []}})
     run = load_run_config(config)
     device = resolve_device(run.train.device)
-    if device.type == "cuda":
+    held = 0
+    if device.type == "cuda":  # what the previous arm left (freed lazily) must not count as this arm's
+        gc.collect()
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     log_path = runs / f"{arm.id}.log"
     runs.mkdir(parents=True, exist_ok=True)
@@ -432,7 +437,7 @@ def run_arm(arm: Arm, settings: Settings, tier: ArenaTier, info: ArchInfo, out_d
         else:
             run_dir = train(config, callbacks=[clock])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_memory = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    peak_memory = int(torch.cuda.max_memory_allocated(device)) - held if device.type == "cuda" else None
 
     summary = json.loads((run_dir / "eval.json").read_text())
     figures = _training_figures(read_metrics(run_dir))
