@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 quickstart: setup
-	@bash scripts/quickstart.sh
+	@bash scripts/quickstart.sh $(ARGS)
 
 test: setup
 	@$(BIN)/python -m pytest -q -p no:cacheprovider

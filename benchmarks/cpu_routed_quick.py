@@ -22,6 +22,7 @@ import torch
 
 import dynlm
 from dynlm.eval.evaluate import evaluate
+from dynlm.train.bench import source_commit
 from dynlm.train.run import train
 
 ARCHITECTURES = ("standard", "mod", "dtf")
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report: dict[str, Any] = {"device": f"CPU ({platform.processor() or platform.machine()}, "
                                         f"{torch.get_num_threads()} threads)",
-                              "torch": torch.__version__, "command": "dynlm train quick model.type=<arch>",
+                              "torch": torch.__version__, "commit": source_commit(),
+                              "command": "dynlm train quick model.type=<arch>",
                               "overrides": args.overrides, "models": {}}
     for arch in ARCHITECTURES:
         t0 = time.perf_counter()

@@ -44,6 +44,7 @@ from dynlm.data.shards import load_prepared, prepare_corpus, shard_directory
 from dynlm.data.tokenizers import load_tokenizer
 from dynlm.eval.evaluate import evaluate
 from dynlm.models.base import causal_lm_loss
+from dynlm.train.bench import source_commit
 from dynlm.train.optim import parameter_groups
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s by datasheet (H100 SXM)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     body["max_position_embeddings"] = max(body["max_position_embeddings"], seq)
     report: dict[str, Any] = {
         "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                        "torch": torch.__version__, "python": sys.version.split()[0]},
+                        "torch": torch.__version__, "python": sys.version.split()[0], "commit": source_commit()},
         "config": {"body_preset": "gpt2-small-like" + (" (smoke: shrunk)" if args.smoke else ""), "seq": seq,
                    "batch": batch, "dtype": str(bench.dtype).replace("torch.", ""), "compile": args.compile,
                    "speed_vocab": body["vocab_size"], "dense_steps": steps, "lr": args.lr, "variants": names},

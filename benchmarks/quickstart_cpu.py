@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dynlm.train.bench import source_commit
+
 TARGET_SECONDS = 300
 TARGET_BPB = 2.1
 NANOGPT = {"bytes": 2.36, "bpe2048": 2.15}  # 4 layers x 192, block 128, batch 16, 3 minutes, same corpus
@@ -35,14 +37,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": load_after,
                     "fresh_cache": not args.warm_cache},
-        "commit": git_commit(), "config": config, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": source_commit(), "config": config, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")

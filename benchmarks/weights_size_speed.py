@@ -40,6 +40,7 @@ import torch
 
 import dynlm
 from dynlm.checkpoint import read_safetensors
+from dynlm.train.bench import source_commit
 from dynlm.weights import CodeCheckpoint, export_code_checkpoint, load_code_checkpoint
 from dynlm.weights.codeckpt import read_checkpoint_dir
 
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", type=Path, help="use this trained checkpoint instead of training")
     args = parser.parse_args(argv)
-    report: dict[str, Any] = {"machine": machine(), "load_average_before": load_average(), "repeats": args.repeats}
+    report: dict[str, Any] = {"machine": machine(), "commit": source_commit(), "load_average_before": load_average(),
+                              "repeats": args.repeats}
     if args.checkpoint is not None:  # a run made earlier by this script: its record is in the run folder
         checkpoint, report["training"] = args.checkpoint, training_record(args.checkpoint)
     else:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +117,20 @@ def parse_compare(items: list[str]) -> dict[str, list[str]]:
             raise ConfigError(f"bad --compare '{item}'", "expected key=value1,value2, e.g. compile=on,off")
         out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     return out
+
+
+def source_commit() -> str | None:
+    """The git commit of the dynlm source that runs ('-dirty' when it has uncommitted changes), for
+    results files; $DYNLM_COMMIT where the source is a copy without git metadata; else None."""
+    source = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=source, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=source,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("DYNLM_COMMIT") or None
+    return commit + ("-dirty" if dirty else "") if commit else os.environ.get("DYNLM_COMMIT") or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +235,36 @@ def _decode(model: torch.nn.Module, decoder: GraphDecoder | None, logits: torch.
 
 
 @torch.inference_mode()
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int,
+                 dtype: torch.dtype, graphs: bool = True) -> dict[str, Any]:
+    """Prefill `prompt` [B, T] into a fresh state, then `decode_tokens` greedy steps of one token
+    per row: decode and prefill tokens/s (all rows) and the state's bytes at the end. `model` is
+    in eval mode, on the prompt's device, its weights in `dtype`. With `graphs`, models that
+    support it decode with captured CUDA-graph steps (on CUDA only)."""
+    device = prompt.device
+    batch, context = prompt.shape
+    capacity = context + decode_tokens
+    decoder = GraphDecoder(model) if graphs and graphs_by_default(model) else None
+    # warm-up: kernels, allocator, graph capture
+    _decode(model, decoder, *_prefill(model, prompt, capacity, dtype, decoder), decode_tokens)
+    _synchronize(device)
+    start = time.perf_counter()
+    logits, state = _prefill(model, prompt, capacity, dtype, decoder)
+    _synchronize(device)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    state = _decode(model, decoder, logits, state, decode_tokens)
+    _synchronize(device)
+    decode_seconds = time.perf_counter() - start
+    if decoder is not None:
+        state = decoder.session.state
+    return {"context": context, "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
+            "ms_per_token": 1000 * decode_seconds / decode_tokens,
+            "prefill_tokens_per_s": batch * context / prefill_seconds,
+            "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device),
+            "graphs": decoder is not None}
+
+
 def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     longest = max(cfg.decode_contexts) + cfg.decode_tokens
     model = _build(cfg, max_position_embeddings=max(longest, 16)).to(device=device, dtype=dtype).eval()
@@ -227,26 +273,7 @@ def bench_decode(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> 
     for context in cfg.decode_contexts:
         _reset_memory(device)
         prompt = torch.randint(0, vocab, (cfg.decode_batch, context), device=device)
-        capacity = context + cfg.decode_tokens
-        decoder = GraphDecoder(model) if cfg.graphs and graphs_by_default(model) else None
-        # warm-up: kernels, allocator, graph capture
-        _decode(model, decoder, *_prefill(model, prompt, capacity, dtype, decoder), cfg.decode_tokens)
-        _synchronize(device)
-        start = time.perf_counter()
-        logits, state = _prefill(model, prompt, capacity, dtype, decoder)
-        _synchronize(device)
-        prefill_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        state = _decode(model, decoder, logits, state, cfg.decode_tokens)
-        _synchronize(device)
-        decode_seconds = time.perf_counter() - start
-        if decoder is not None:
-            state = decoder.session.state
-        rows.append({"context": context, "decode_tokens_per_s": cfg.decode_batch * cfg.decode_tokens / decode_seconds,
-                     "ms_per_token": 1000 * decode_seconds / cfg.decode_tokens,
-                     "prefill_tokens_per_s": cfg.decode_batch * context / prefill_seconds,
-                     "state_bytes": model.state_nbytes(state), "peak_memory_bytes": _peak_memory(device),
-                     "graphs": decoder is not None})
+        rows.append(decode_speed(model, prompt, cfg.decode_tokens, dtype, cfg.graphs))
     return rows
 
 
@@ -290,7 +317,7 @@ def run_suite(configs: list[BenchConfig], title: str = "dynlm bench",
         if base and "train" in r:
             r["train"]["ratio"] = r["train"]["tokens_per_s"] / base
     return {"title": title, "device": device_name(device), "device_type": device.type,
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": source_commit(),
             "peak_flops": peak, "peak_source": peak_source,
             "mfu_formula": "MFU = train tokens/s x FLOPs per token / peak; FLOPs per token = model.flops_per_token"
                            "(seq_len) = 6·N + 12·L·H·Q·T (nanoGPT; N = parameters in matmuls)",
