@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dynlm.errors import CheckpointError
+from dynlm.output_dir import follow_umask
 
 if TYPE_CHECKING:
     from dynlm.models.base import DynModel
@@ -123,6 +124,7 @@ def atomic_directory(directory: Path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
             yield tmp
+            follow_umask(tmp)  # mkdtemp folders are 0700 and safetensors files 0600
             old = None
             if directory.exists():
                 old = directory.parent / f".{directory.name}.old-{os.getpid()}"
@@ -177,9 +179,12 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def is_dynlm_checkpoint(directory: str | Path) -> bool:
