@@ -92,7 +92,12 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
     return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
 
 
-def _encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> list[int]:
+    """The ids fed to the model. `chat`: wrap the prompt in the tokenizer's chat template (True),
+    feed it as is (False), or use the template when the tokenizer has one (None, the default of
+    `generate` and of `dynlm generate`)."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("chat=True but this tokenizer has no chat template")
@@ -112,10 +117,10 @@ def _trim(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def stream_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
                     stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, seed: int | None = None,
-                    chat: bool = False, **sampling: Any) -> Iterator[str]:
+                    chat: bool | None = None, **sampling: Any) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece as it is decoded. Stops at an EOS
     token, at any of the `stop` strings (not included), or after `max_new_tokens`."""
-    ids = torch.tensor([_encode_prompt(tokenizer, prompt, chat)], dtype=torch.long)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, chat)], dtype=torch.long)
     eos_ids = list(tokenizer.eos_ids) if eos_ids is None else list(eos_ids)
     new: list[int] = []
     emitted = ""
@@ -143,14 +148,14 @@ def stream_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompt: str | list[str], max_new_tokens: int = 64,
              stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, seed: int | None = None,
-             chat: bool = False, **sampling: Any) -> str | list[str]:
+             chat: bool | None = None, **sampling: Any) -> str | list[str]:
     """Continuation(s) of one prompt or a batch of prompts. A batch is decoded together, grouped
     by prompt length so that no padding ever enters the model (outputs are exact)."""
     if isinstance(prompt, str):
         return "".join(stream_generate(model, tokenizer, prompt, max_new_tokens, stop, eos_ids, seed, chat,
                                        **sampling))
     eos_ids = list(tokenizer.eos_ids) if eos_ids is None else list(eos_ids)
-    encoded = [_encode_prompt(tokenizer, p, chat) for p in prompt]
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompt]
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)

@@ -291,7 +291,7 @@ def _sample(trainer: Trainer) -> str | None:
     if not prompt and not getattr(trainer.tokenizer, "prepend_separator", False):
         return None  # nothing to condition on
     text = dynlm.generate(trainer.model, trainer.tokenizer, prompt, max_new_tokens=cfg.sample_tokens,
-                          temperature=0.8, top_k=50, seed=cfg.seed)
+                          temperature=0.8, top_k=50, seed=cfg.seed, chat=False)  # a continuation of the corpus
     return prompt + text
 
 
