@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dynlm
-from dynlm.cli import default_threads, main
+from dynlm.cli import main
 from dynlm.data.tokenizers import ByteTokenizer, load_tokenizer
 from dynlm.weights import export_code_checkpoint
 from dynlm.weights.delta import diff
@@ -445,6 +445,8 @@ def test_routing_line_shows_the_never_route_baseline():
 
 
 def test_threads_option_and_default(capsys, monkeypatch):
+    from dynlm.cli import default_threads
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
