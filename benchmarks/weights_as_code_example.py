@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "weights_as_code_example.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Weights as code: the worked example\n",
+    lines = ["# Weights as code: the worked example\n",
              f"Produced by `{result['script']}` at commit `{result['commit']}` on {result['date']}; "
              f"{result['machine']}. Model: `{result['train']}`, {parameters:,} parameters.\n",
              "| model | validation loss (nats/token) | bits per byte | bytes scored | greedy continuation of "

@@ -72,8 +72,10 @@ def check_output_dir(path: str | Path, force: bool = False, *, flag: str = "--fo
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"{path}: cannot create a folder under {parent} (not writable)")
+    try:  # a real probe: permission bits do not tell about /proc, read-only mounts or root
+        os.rmdir(tempfile.mkdtemp(prefix=".dynlm-probe-", dir=parent))
+    except OSError as e:
+        raise OutputExistsError(f"{path}: cannot create a folder under {parent} ({e.strerror or e})") from None
     return path
 
 
