@@ -2,7 +2,8 @@
 
     python benchmarks/weights_as_code_example.py --out benchmarks/results   # weights_as_code_example.json/.md
 
-In a temporary folder: `dynlm train quick train.max_steps=120`, export the best checkpoint as code,
+In a temporary folder: `dynlm train quick train.max_steps=N` (no final evaluation: the example
+evaluates on its own), export the best checkpoint as code,
 show the final norm's cell, edit its first value to 40.0 by hand, load it (refused: the hash no
 longer matches), rehash, evaluate and sample the original and the edited model, diff them, roll
 back with a reverse delta, and read the lineage. Every command and its output goes into the
@@ -73,12 +74,13 @@ def edit_first_value(weights: Path, cell: str, value: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="dynlm-wac-") as tmp:
         t = Transcript(Path(tmp))
-        t.dynlm("train", "quick", f"train.max_steps={args.steps}")
+        train = ["train", "quick", f"train.max_steps={args.steps}", "train.final_eval=[]", "train.plot=false"]
+        t.dynlm(*train)
         export = t.dynlm("weights", "export", "runs/quick/best", "code/", "--mode", "inline").stdout
         shown = t.dynlm("weights", "show", "code/", "--cell", EDITED_CELL, "--json").stdout
         cell = json.loads(shown)
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "script": "benchmarks/weights_as_code_example.py", "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs (shared with other work)",
-        "train": f"dynlm train quick train.max_steps={args.steps}", "parameters": parameters,
+        "train": "dynlm " + " ".join(train), "parameters": parameters,
         "hidden_size": config.get("hidden_size") or config.get("dynlm", {}).get("config", {}).get("hidden_size"),
         "export": export.strip(), "cell": cell, "original_value": original, "edited_cell": edited_cell,
         "weights_sha256_before": model_before.get("weights_sha256"),

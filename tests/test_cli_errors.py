@@ -147,14 +147,17 @@ def test_output_to_the_current_folder(tmp_path, ckpts, capsys, monkeypatch):
     dynlm.load_pretrained(here)
 
 
-def test_written_files_follow_the_umask(tmp_path, ckpts, capsys, corpus):
+def test_written_files_follow_the_umask(tmp_path, ckpts, capsys):
     old = os.umask(0o022)
     try:
         ok(capsys, ["convert", ckpts["code"], tmp_path / "conv"])
-        ok(capsys, ["train", *tiny_train(corpus, tmp_path / "runs", max_steps=4)])
-        run_dir = tmp_path / "runs" / "run"
-        for path in [tmp_path / "conv", *(tmp_path / "conv").iterdir(), run_dir / "step-000004",
-                     run_dir / "step-000004" / "model.safetensors", run_dir / "step-000004" / "tokenizer.json"]:
+        model = dynlm.load_pretrained(ckpts["base"])
+        model.save_pretrained(tmp_path / "saved", tokenizer=load_tokenizer("bytes"))  # the trainer's atomic write
+        load_tokenizer("bytes").save(tmp_path / "tok")
+        paths = [tmp_path / "conv", *(tmp_path / "conv").iterdir(), tmp_path / "saved",
+                 *(tmp_path / "saved").iterdir(), *(tmp_path / "tok").iterdir()]
+        assert {"model.safetensors", "tokenizer.json"} <= {p.name for p in paths}
+        for path in paths:
             mode = stat.S_IMODE(path.stat().st_mode)
             assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
     finally:
@@ -177,7 +180,7 @@ def test_refused_resume_leaves_the_config_alone(tmp_path, corpus, capsys):
     ok(capsys, ["train", "--resume", run_dir, "train.max_steps=10"])  # a plain resume still works
 
 
-@pytest.mark.parametrize("signum", [2, 15])  # SIGINT, SIGTERM
+@pytest.mark.parametrize("signum", [2, pytest.param(15, marks=pytest.mark.slow)])  # SIGINT, SIGTERM
 def test_a_signal_before_the_first_save_saves_and_a_rerun_offers_the_resume(tmp_path, corpus, capsys, signum):
     from dynlm.train import train
     from dynlm.train.trainer import read_metrics
@@ -236,6 +239,7 @@ def test_empty_corpus_leaves_no_folder(tmp_path, corpus, capsys):
     assert not (tmp_path / "runs" / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_messages(tmp_path, corpus, capsys):
     ok(capsys, ["train", *tiny_train(corpus, tmp_path / "runs", max_steps=4)])
     run_dir = tmp_path / "runs" / "run"
