@@ -96,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, model in (("original", "runs/quick/best"), ("edited", "code/")):
             result = json.loads(t.dynlm("eval", "--model", model, "--corpus", "shakespeare", "--split", "val",
                                         "--max-bytes", "50000", "--seq-len", "256").stdout)
-            sample = t.dynlm("generate", "--model", model, "--prompt", "ROMEO:", "--max-new-tokens", "30",
-                             "--no-stream").stdout
+            # sampled (a short run's greedy continuation is mostly line breaks), the same seed for both
+            sample = t.dynlm("generate", "--model", model, "--prompt", "ROMEO:", "--max-new-tokens", "40",
+                             "--temperature", "0.8", "--top-k", "40", "--seed", "0", "--no-stream").stdout
             rows[name] = {"loss_nats": result["loss_nats"], "bpb": result["bpb"], "num_bytes": result["num_bytes"],
-                          "sample": sample.split("\n", 1)[1].strip()}
+                          "sample": sample.split("\n", 1)[1].removesuffix("\n\n")}
         forward = t.dynlm("weights", "diff", "runs/quick/best", "code/", "-o", "edit-delta/").stdout
         t.dynlm("weights", "diff", "code/", "runs/quick/best", "-o", "undo/")
         t.dynlm("weights", "apply", "code/", "undo/", "-o", "restored/")
@@ -126,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Produced by `{result['script']}` at commit `{result['commit']}` on {result['date']}; "
              f"{result['machine']}. Model: `{result['train']}`, {parameters:,} parameters.\n",
              "| model | validation loss (nats/token) | bits per byte | bytes scored | greedy continuation of "
-             "\"ROMEO:\" |", "|---|---|---|---|---|"]
+             "\"ROMEO:\" (temperature 0.8, top-k 40, seed 0) |", "|---|---|---|---|---|"]
     for name, row in rows.items():
-        sample = row["sample"].replace("\n", " / ").replace("|", "\\|")
+        sample = row["sample"].strip().replace("\n", " / ").replace("|", "\\|")
         lines.append(f"| {name} | {row['loss_nats']:.4f} | {row['bpb']:.4f} | {row['num_bytes']:,} | {sample} |")
     lines.append("\n## Transcript\n")
     for step in t.steps:
