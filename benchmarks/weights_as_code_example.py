@@ -16,12 +16,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from quickstart_cpu import cpu_model  # benchmarks/ is on sys.path when a script there runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EDITED_CELL = "model.norm.weight"
@@ -33,16 +34,6 @@ def git_commit() -> str | None:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Transcript:
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Weights as code: the worked example\n",
              f"Produced by `{result['script']}` at commit `{result['commit']}` on {result['date']}; "
              f"{result['machine']}. Model: `{result['train']}`, {parameters:,} parameters.\n",
-             "| model | validation loss (nats/token) | bits per byte | bytes scored | greedy continuation of "
+             "| model | validation loss (nats/token) | bits per byte | bytes scored | sampled continuation of "
              "\"ROMEO:\" (temperature 0.8, top-k 40, seed 0) |", "|---|---|---|---|---|"]
     for name, row in rows.items():
         sample = row["sample"].strip().replace("\n", " / ").replace("|", "\\|")
