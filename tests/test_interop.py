@@ -409,7 +409,7 @@ def test_convert_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "already exists" in err
+    assert err.count("\n") == 1 and "not empty" in err and "--force" in err
     assert main(["convert", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "x").exists()
 

@@ -23,7 +23,7 @@ PACKAGE = SRC / "dynlm"
 
 # lowest first; a module belongs to the longest prefix listed
 LAYERS: list[tuple[str, ...]] = [
-    ("dynlm.errors", "dynlm.fileio", "dynlm.config", "dynlm.registry", "dynlm.distributed"),
+    ("dynlm.errors", "dynlm.output_dir", "dynlm.fileio", "dynlm.config", "dynlm.registry", "dynlm.distributed"),
     ("dynlm.nn",),
     ("dynlm.models",),
     ("dynlm.checkpoint",),

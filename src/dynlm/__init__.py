@@ -62,7 +62,9 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def generate(model: DynModel, tokenizer: Any, prompt: str | list[str], **kwargs: Any) -> Any:
-    """Generate text; see `dynlm.infer.generate.generate` for the sampling options."""
+    """Generate text; see `dynlm.infer.generate.generate` for the sampling options. Like
+    `dynlm generate`, a prompt goes through the tokenizer's chat template when it has one
+    (`chat=False` feeds it as is)."""
     from dynlm.infer.generate import generate as _generate
 
     return _generate(model, tokenizer, prompt, **kwargs)

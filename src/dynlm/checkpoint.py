@@ -81,9 +81,12 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
 def is_dynlm_checkpoint(directory: str | Path) -> bool:

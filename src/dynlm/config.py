@@ -171,8 +171,11 @@ def model_config(spec: str | dict[str, Any] | ModelConfig, **overrides: Any) -> 
     else:
         raise ConfigError(f"cannot build a model config from {type(spec).__name__}")
     data = deep_merge(data, overrides)
-    # a dict may start from a preset and change some fields; a preset may start from another
-    while (preset_name := data.pop("preset", None)) is not None:
+    seen: list[str] = []
+    while (preset_name := data.pop("preset", None)) is not None:  # a preset may start from another
+        if preset_name in seen:
+            raise ConfigError(f"model presets refer to each other in a loop: {' -> '.join([*seen, preset_name])}")
+        seen.append(preset_name)
         data = deep_merge(model_preset(preset_name), data)
     config_class, _ = get_architecture(str(data.get("type", "standard")))
     return to_dataclass(config_class, data, prefix="model.")

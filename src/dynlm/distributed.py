@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,9 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """"auto" picks CUDA, then MPS, then CPU; a plain "cuda" means this process's GPU."""
+def resolve_device(spec: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """"auto" picks CUDA, then MPS, then CPU; a plain "cuda" means this process's GPU. `what`
+    names the setting in errors ("train.device", "--device")."""
     if spec == "auto":
         if torch.cuda.is_available():
             spec = "cuda"
@@ -46,12 +48,16 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
             spec = "mps"
         else:
             spec = "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", spec):
+        raise ConfigError(f"{what} '{spec}' is not a device dynlm runs on", "use auto, cpu, cuda, cuda:N or mps")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device is '{spec}' but CUDA is not available", "use device=auto or cpu")
+            raise ConfigError(f"{what} is '{spec}' but CUDA is not available", "use auto or cpu")
+        if spec != "cuda" and int(spec[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"{what} is '{spec}' but there are {torch.cuda.device_count()} CUDA devices")
         return torch.device(f"cuda:{local_rank}") if spec == "cuda" else torch.device(spec)
     if spec == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device is 'mps' but MPS is not available", "use device=auto or cpu")
+        raise ConfigError(f"{what} is 'mps' but MPS is not available", "use auto or cpu")
     return torch.device(spec)
 
 

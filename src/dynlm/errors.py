@@ -3,8 +3,11 @@ anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 
 
 class DynlmError(Exception):
@@ -34,6 +37,27 @@ class ContextLengthError(DynlmError):
 
 class OutputExistsError(DynlmError):
     """An output folder that already holds files the command did not write (use --force)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (a training run saves first)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within this block SIGTERM raises `Terminated` (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

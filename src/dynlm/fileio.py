@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dynlm.output_dir import follow_umask
+
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -72,6 +74,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+        follow_umask(tmp)  # mkstemp files are 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -147,6 +150,7 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         yield tmp
+        follow_umask(tmp)  # mkdtemp folders are 0700 and safetensors files 0600
         if not directory.exists():
             os.replace(tmp, directory)
             return

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, ContextLengthError
+from dynlm.output_dir import check_output_dir, output_dir
 
 
 def _ints(text: str) -> list[int]:
@@ -51,8 +53,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "model=PRESET,PRESET (repeatable; all combinations)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU when it is not in the known table")
     p.add_argument("--out", type=Path, help="write bench.json and bench.md into this folder")
+    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out folder")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps: check that everything runs")
     p.set_defaults(handler=run)
+
+
+def _check_decode_contexts(cfg: Any) -> None:
+    """Decoding past the model's positions measures a model that cannot exist (and allocates a
+    cache for it): refuse, and say how to measure longer contexts on purpose."""
+    from dynlm.config import model_config
+
+    if not cfg.decode_contexts:
+        return
+    positions = model_config(cfg.model, **cfg.overrides).max_position_embeddings
+    longest = max(cfg.decode_contexts) + cfg.decode_tokens
+    if longest > positions:
+        raise ContextLengthError(
+            f"--decode-contexts {max(cfg.decode_contexts)} + --decode-tokens {cfg.decode_tokens} = {longest} tokens "
+            f"exceed the {positions} positions of '{cfg.model}'",
+            f"use contexts up to {positions - cfg.decode_tokens}, or --set max_position_embeddings={longest}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,13 +95,18 @@ def run(args: argparse.Namespace) -> int:
     if not (cfg.train or cfg.forward or cfg.decode_contexts):
         raise ConfigError("nothing to measure", "drop --no-train/--no-forward or give --decode-contexts")
     configs = expand(cfg, parse_compare(args.compare))
+    for config in configs:
+        _check_decode_contexts(config)
+    if args.out:
+        check_output_dir(args.out, args.force)
 
     def say(message: str) -> None:
         sys.stderr.write(message + "\n")
 
     suite = run_suite(configs, title=f"dynlm bench: {cfg.model}", progress=say)
     if args.out:
-        json_path, md_path = write_suite(suite, args.out)
-        say(f"wrote {json_path} and {md_path}")
+        with output_dir(args.out, args.force) as staged:
+            json_path, md_path = write_suite(suite, staged)
+        say(f"wrote {args.out / json_path.name} and {args.out / md_path.name}")
     print(to_markdown(suite))
     return 0

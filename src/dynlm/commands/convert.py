@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from dynlm.errors import CheckpointError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="import a Hugging Face / GGUF checkpoint, or export to Hugging Face",
@@ -26,18 +28,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["dynlm", "hf"], default="dynlm", help="output format (default: dynlm)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="weight dtype of the output (default: fp32, GGUF tensors are dequantized)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace the contents of a non-empty DST (hidden entries such as .git stay)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dynlm.interop import convert
+    from dynlm.output_dir import check_output_dir, output_dir
 
+    check_output_dir(args.dst, args.force)
+    if args.src.exists() and args.dst.exists() and args.src.resolve() == args.dst.resolve():
+        raise CheckpointError(f"{args.dst}: the destination is the source")
     start = time.perf_counter()
 
     def log(message: str) -> None:
         sys.stderr.write(f"[{time.perf_counter() - start:5.1f}s] {message}\n")
         sys.stderr.flush()
 
-    convert(args.src, args.dst, to=args.to, dtype=args.dtype, overwrite=args.force, log=log)
+    with output_dir(args.dst, args.force) as staged:
+        # the library writes to the staging folder; messages name the destination
+        convert(args.src, staged, to=args.to, dtype=args.dtype,
+                log=lambda message: log(message.replace(str(staged), str(args.dst))))
+    log(f"wrote {args.dst}")
     return 0

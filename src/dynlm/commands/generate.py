@@ -6,12 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from dynlm.errors import ConfigError
+from dynlm.errors import ConfigError, ContextLengthError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a model")
-    p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face directory or .gguf file")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, Hugging Face directory, .gguf file, or the name of a known checkpoint "
+                        "fetched once into the cache (smollm2-135m-instruct)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the tokenizer's chat template (default: when it has one)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as is")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:1, mps (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight dtype (default: as stored; GGUF tensors are dequantized to float32)")
     p.add_argument("--no-stream", action="store_true", help="print each answer when complete")
     p.add_argument("--no-graphs", action="store_true",
                    help="decode eagerly (the reference path); by default CUDA decodes with captured graph steps")
@@ -37,9 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_context(model: object, tokenizer: object, prompts: list[str], max_new_tokens: int, chat: bool) -> None:
+    """Refuse a prompt plus continuation longer than the model's positions (rather than run a
+    model past what it was built for): say by how much and what fits."""
+    from dynlm.infer.generate import encode_prompt
+
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not positions:
+        return
+    longest = max(len(encode_prompt(tokenizer, p, chat)) for p in prompts)
+    if longest + max_new_tokens > positions:
+        room = positions - longest
+        raise ContextLengthError(
+            f"the prompt ({longest} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"{positions} positions", f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt")
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     import dynlm
+    from dynlm.distributed import resolve_device
     from dynlm.infer.generate import generate, stream_generate
+    from dynlm.interop import resolve_named_source
 
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -54,20 +81,31 @@ def run(args: argparse.Namespace) -> int:
         return run_layered(args, prompts)
     if args.max_gpu_memory or args.int8:
         raise ConfigError("--max-gpu-memory and --int8 apply to the layered engine", "add --engine layered")
-    model = dynlm.load_pretrained(args.model, device=args.device)
-    tokenizer = dynlm.load_tokenizer(args.model)
-    chat = bool(getattr(tokenizer, "chat_template", None)) if args.chat is None else args.chat
+    device = resolve_device(args.device, what="--device")
+    source = resolve_named_source(args.model, lambda message: sys.stderr.write(message + "\n"))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = dynlm.load_pretrained(source, device=device, dtype=dtype)
+    tokenizer = dynlm.load_tokenizer(source)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = has_template if args.chat is None else args.chat
+    check_context(model, tokenizer, prompts, args.max_new_tokens, chat)
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed, chat=chat,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, graphs=False if args.no_graphs else None)
     if len(prompts) == 1 and not args.no_stream:
+        answers = [""]
         for piece in stream_generate(model, tokenizer, prompts[0], **options):
+            answers[0] += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        return 0
-    for prompt, answer in zip(prompts, generate(model, tokenizer, prompts, **options)):
-        print(f"### {prompt}\n{answer}\n")
+    else:
+        answers = generate(model, tokenizer, prompts, **options)
+        for prompt, answer in zip(prompts, answers):
+            print(f"### {prompt}\n{answer}\n")
+    if has_template and not chat and any(not answer.strip() for answer in answers):
+        sys.stderr.write("note: an answer is empty: this is a chat model and --raw fed the prompt without its chat "
+                         "template, so it may end its turn at once; drop --raw to use the template\n")
     return 0
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from dynlm.commands.corpus import parse_splits
 from dynlm.errors import DataError
+from dynlm.output_dir import check_output_dir, output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("-o", "--output", required=True, type=Path, help="output directory")
     train.add_argument("--splits", default="0.9,0.05,0.05", type=parse_splits, help="train,val,test fractions")
     train.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    train.add_argument("--force", action="store_true", help="replace the contents of a non-empty output folder")
     train.set_defaults(handler=run_train)
 
     encode = actions.add_parser("encode", help="print the token ids of a text")
@@ -54,9 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     check_bpe_vocab_size(args.vocab_size)  # before fetching anything
     if args.min_frequency < 1:
         raise DataError(f"--min-frequency {args.min_frequency}: must be at least 1")
-    output: Path = args.output
-    if output.exists() and not output.is_dir():
-        raise DataError(f"{output}: exists and is not a directory")
+    output: Path = check_output_dir(args.output, args.force)  # before the slow part
     started = time.perf_counter()
     corpus = get_corpus(args.corpus)
     parts = split_corpus(corpus, args.splits)
@@ -66,18 +63,12 @@ def run_train(args: argparse.Namespace) -> int:
           f"{len(train_texts)} documents, {train_bytes:,} bytes", file=sys.stderr)
     tokenizer = train_bpe(train_texts, args.vocab_size, min_frequency=args.min_frequency)
 
-    # write into a fresh folder, then move the files in: `output` never holds half a tokenizer
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        tokenizer.save(tmp)
-        if not output.exists():
-            os.rename(tmp, output)
-        else:
-            for file in sorted(tmp.iterdir(), key=lambda f: f.name != TOKENIZER_FILE):
-                os.replace(file, output / file.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"note: the corpus gave only {tokenizer.vocab_size} tokens of the {args.vocab_size} asked for "
+              f"(no pair of tokens occurs --min-frequency {args.min_frequency} times any more); a larger corpus "
+              "gives more merges", file=sys.stderr)
+    with output_dir(output, args.force) as staged:  # `output` never holds half a tokenizer
+        tokenizer.save(staged)
 
     val_texts = [text for _, text in parts["val"]] or train_texts
     val_tokens = sum(len(ids) for ids in tokenizer.encode_batch(val_texts))

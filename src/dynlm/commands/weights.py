@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dynlm.errors import ConfigError, DataError
+from dynlm.output_dir import check_output_dir, output_dir
 from dynlm.weights.run_flags import add_numpy_run_arguments
 
 
@@ -44,11 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--literal-max", type=int, default=4096,
                    help="1-D tensors with at most this many values are written as decimal literals")
     c.add_argument("--event", help='history event as JSON, e.g. \'{"event": "trained", "steps": 2000}\'')
+    _add_force(c)
     c.set_defaults(handler=_export)
 
     c = cmds.add_parser("import", help="write a code checkpoint back as a dynlm checkpoint (bit-exact)")
     c.add_argument("code")
     c.add_argument("out", type=Path)
+    _add_force(c)
     c.set_defaults(handler=_import)
 
     c = cmds.add_parser("show", help="the cells of a code checkpoint, or one cell in full")
@@ -78,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-rel-error", type=float, help="allowed relative Frobenius error of low-rank cells")
     c.add_argument("--mode", choices=["inline", "hybrid"], default="inline")
     c.add_argument("--json", action="store_true")
+    _add_force(c)
     c.set_defaults(handler=_diff)
 
     c = cmds.add_parser("apply", help="apply a delta to its base")
@@ -86,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-o", "--out", type=Path, required=True)
     c.add_argument("--mode", choices=["inline", "hybrid"], help="write the result in code form in this mode")
     c.add_argument("--exact-only", action="store_true", help="refuse deltas with low-rank (approximate) cells")
+    _add_force(c)
     c.set_defaults(handler=_apply)
 
     c = cmds.add_parser("load-only", help="decode only some cells (and time it)")
@@ -105,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-tokens", type=int, default=4096)
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--no-plots", action="store_true")
+    _add_force(c)
     c.set_defaults(handler=_analyze)
 
     c = cmds.add_parser("find-neurons", help="MLP neurons that fire selectively on a concept's examples")
@@ -117,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--contexts", type=int, default=5)
     c.add_argument("--background-tokens", type=int, default=8000)
     c.add_argument("--out", type=Path, help="write neurons.json and neurons.md here")
+    _add_force(c)
     c.set_defaults(handler=_find_neurons)
 
     c = cmds.add_parser("numpy-run", help="generate with NumPy only (torch is never imported)")
@@ -128,6 +135,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("out", type=Path)
     c.add_argument("--note", default="")
     c.add_argument("--mode", choices=["inline", "hybrid"])
+    _add_force(c)
     c.set_defaults(handler=_clone)
 
     c = cmds.add_parser("lineage", help="a code checkpoint's parents, verified by hash")
@@ -149,10 +157,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--keep-run", type=Path, help="keep the training run folder here")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer override (repeatable), e.g. --set train.lr=1e-4 --set data.seq_len=128")
+    _add_force(c)
     c.set_defaults(handler=_specialize)
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="replace the contents of a non-empty output folder (hidden entries such as .git stay)")
 
 
 def _print_json(data: Any) -> None:
@@ -165,6 +179,7 @@ def _size(path: Path) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dynlm.weights.codeckpt import export_code_checkpoint
+    from dynlm.weights.store import is_code_checkpoint
 
     event = None
     if args.event:
@@ -175,8 +190,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.literal_max < 0:
         raise ConfigError(f"--literal-max must be >= 0, got {args.literal_max}")
     start = time.perf_counter()
-    out = export_code_checkpoint(args.source, args.out, mode=args.mode, dtype=args.dtype,
-                                 literal_max=args.literal_max, history_event=event)
+    # cell histories carry over from the code checkpoint being replaced
+    inherit = args.out if is_code_checkpoint(args.out) else None
+    with output_dir(args.out, args.force) as staged:
+        export_code_checkpoint(args.source, staged, mode=args.mode, dtype=args.dtype, literal_max=args.literal_max,
+                               history_event=event, inherit_from=inherit)
+    out = args.out
     print(f"wrote {out} ({args.mode}, {_size(out) / 1e6:.2f} MB) in {time.perf_counter() - start:.2f}s")
     return 0
 
@@ -185,7 +204,9 @@ def _import(args: argparse.Namespace) -> int:
     from dynlm.weights.codeckpt import import_code_checkpoint
 
     start = time.perf_counter()
-    out = import_code_checkpoint(args.code, args.out)
+    with output_dir(args.out, args.force) as staged:
+        import_code_checkpoint(args.code, staged)
+    out = args.out
     print(f"wrote {out} ({_size(out) / 1e6:.2f} MB) in {time.perf_counter() - start:.2f}s")
     return 0
 
@@ -250,10 +271,12 @@ def _rehash(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from dynlm.weights.delta import diff
+    from dynlm.weights.delta import Delta, diff
 
-    delta = diff(args.base, args.new, args.out, kind=args.kind, mode=args.mode, rank=args.rank,
-                 max_rel_error=args.max_rel_error)
+    with output_dir(args.out, args.force) as staged:
+        diff(args.base, args.new, staged, kind=args.kind, mode=args.mode, rank=args.rank,
+             max_rel_error=args.max_rel_error)
+    delta = Delta(args.out)
     summary = delta.summary()
     if args.json:
         _print_json(summary)
@@ -269,8 +292,9 @@ def _diff(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     from dynlm.weights.delta import apply_delta
 
-    out = apply_delta(args.base, args.delta, args.out, mode=args.mode, allow_approximate=not args.exact_only)
-    print(f"wrote {out}")
+    with output_dir(args.out, args.force) as staged:
+        apply_delta(args.base, args.delta, staged, mode=args.mode, allow_approximate=not args.exact_only)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -313,11 +337,13 @@ def _analyze(args: argparse.Namespace) -> int:
         from dynlm.data.corpora import split_corpus
 
         texts = [text for _, text in split_corpus(args.corpus)[args.split]]
+    check_output_dir(args.out, args.force)
     report = analyze(args.code, texts=texts, rank_cap=args.rank_cap, seq_len=args.seq_len, max_tokens=args.max_tokens)
-    files = write_report(report, args.out, plots=not args.no_plots)
+    with output_dir(args.out, args.force) as staged:
+        files = write_report(report, staged, plots=not args.no_plots)
     for line in report["findings"]:
         print(line)
-    print("wrote " + ", ".join(str(f) for f in files))
+    print("wrote " + ", ".join(str(args.out / f.name) for f in files))
     return 0
 
 
@@ -345,13 +371,16 @@ def _find_neurons(args: argparse.Namespace) -> int:
         examples += [line for line in _read_text(args.examples, "--examples").splitlines() if line.strip()]
     if not examples:
         raise ConfigError("no concept examples", "give --examples FILE (one per line) or --example TEXT")
+    if args.out:
+        check_output_dir(args.out, args.force)
     background = _background_texts(args.background, 8 * args.background_tokens) if args.background else None
     tokenizer = dynlm.load_tokenizer(args.code)
     result = find_neurons_for(args.code, tokenizer, examples, background, concept=args.concept, top=args.top,
                               contexts=args.contexts, max_background_tokens=args.background_tokens)
     if args.out:
-        files = write_result(result, args.out)
-        print("wrote " + ", ".join(str(f) for f in files))
+        with output_dir(args.out, args.force) as staged:
+            files = write_result(result, staged)
+        print("wrote " + ", ".join(str(args.out / f.name) for f in files))
     else:
         sys.stdout.write(to_markdown(result))
     return 0
@@ -366,8 +395,9 @@ def _numpy_run(args: argparse.Namespace) -> int:
 def _clone(args: argparse.Namespace) -> int:
     from dynlm.weights.lineage import clone
 
-    out = clone(args.source, args.out, note=args.note, mode=args.mode)
-    print(f"wrote {out}")
+    with output_dir(args.out, args.force) as staged:
+        clone(args.source, staged, note=args.note, mode=args.mode)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -389,10 +419,15 @@ def _share(args: argparse.Namespace) -> int:
 
 
 def _specialize(args: argparse.Namespace) -> int:
+    from dynlm.weights.delta import Delta
     from dynlm.weights.lineage import specialize
 
-    delta = specialize(args.parent, args.domain, args.corpus, args.out, steps=args.steps, overrides=args.overrides,
-                       work_dir=args.keep_run)
+    with output_dir(args.out, args.force) as staged:
+        specialize(args.parent, args.domain, args.corpus, staged, steps=args.steps, overrides=args.overrides,
+                   work_dir=args.keep_run)
+    delta = Delta(args.out)
     kinds = ", ".join(f"{v} {k}" for k, v in delta.header["kinds"].items())
     print(f"wrote {args.out}: delta against {delta.header['base_weights_sha256'][:16]}... ({kinds})")
+    if args.keep_run is None:
+        print("the training run above was temporary and is removed (keep it with --keep-run DIR)")
     return 0

@@ -598,7 +598,8 @@ def split_documents(documents: Sequence[Document], splits: Sequence[float] = DEF
     Documents are ranked by sha256 of their id; walking that order, a document goes to test, else
     val, when that brings the split's weight (bytes by default) closer to its target, else to
     train. With three or more documents every split whose fraction is > 0 gets at least one.
-    With fewer, each document is cut at line boundaries instead (first part train, then val, test).
+    With fewer, each document is cut at line boundaries instead (first part train, then val, test;
+    at word boundaries when it has fewer than three lines, between characters below three words).
     Within a split the documents keep the corpus order."""
     fractions = dict(zip(SPLIT_NAMES, check_splits(splits)))
     if not documents:
@@ -636,8 +637,10 @@ def _split_within_documents(documents: Sequence[Document], fractions: dict[str, 
     bounds = (fractions["train"], fractions["train"] + fractions["val"])
     for doc_id, text in documents:
         units = text.splitlines(keepends=True)
-        if len(units) < 3:
-            units = list(text)  # too few lines: cut between characters
+        if len(units) < 3:  # too few lines: cut between words (a word keeps the spaces after it)
+            units = re.findall(r"\s*\S+\s*", text) if len(text.split()) >= 3 else []
+            if len(units) < 3:  # too few words: cut between characters
+                units = list(text)
         starts = [0]
         for unit in units:
             starts.append(starts[-1] + len(unit.encode("utf-8")))

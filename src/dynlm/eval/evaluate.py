@@ -175,25 +175,29 @@ def split_documents_of(split: Any) -> list[np.ndarray]:
 
 
 def text_spans(texts: Sequence[str], max_bytes: int, num_spans: int = 16) -> list[str]:
-    """About `max_bytes` of text taken as `num_spans` evenly spaced pieces of the concatenated
-    texts (each piece within one document, cut at character boundaries): a cheap, deterministic,
-    representative validation set whose byte count is exact."""
+    """`max_bytes` of text taken as `num_spans` evenly spaced pieces of the concatenated texts
+    (each piece within one document, cut at character boundaries): a cheap, deterministic,
+    representative validation set. The pieces hold exactly `max_bytes` bytes of one-byte (ASCII)
+    text and about that many otherwise; the evaluator counts their bytes exactly either way."""
     total_chars = sum(len(t) for t in texts)
     if total_chars == 0:
         return []
     bytes_per_char = sum(len(t.encode("utf-8")) for t in texts) / total_chars
-    span_chars = max(1, int(max_bytes / bytes_per_char / num_spans))
-    if span_chars * num_spans >= total_chars:
+    wanted_chars = max(1, round(max_bytes / bytes_per_char))
+    if wanted_chars >= total_chars:
         return [t for t in texts if t]
+    # the remainder is spread over the first pieces, so that the sizes add up to wanted_chars
+    sizes = [wanted_chars // num_spans + (i < wanted_chars % num_spans) for i in range(num_spans)]
+    sizes = [size for size in sizes if size]
     spans = []
-    starts = np.linspace(0, total_chars - span_chars, num_spans).astype(np.int64)
+    starts = np.linspace(0, total_chars - max(sizes), len(sizes)).astype(np.int64)
     doc_starts = np.cumsum([0] + [len(t) for t in texts])
-    for start in starts:
+    for start, size in zip(starts, sizes):
         doc = int(np.searchsorted(doc_starts, start, side="right") - 1)
         local = int(start - doc_starts[doc])
         text = texts[doc]
-        local = min(local, max(0, len(text) - span_chars))  # keep the span inside its document
-        spans.append(text[local:local + span_chars])
+        local = min(local, max(0, len(text) - size))  # keep the span inside its document
+        spans.append(text[local:local + size])
     return [s for s in spans if s]
 
 

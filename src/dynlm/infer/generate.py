@@ -114,7 +114,12 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
     return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
 
 
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> list[int]:
+    """The ids fed to the model. `chat`: wrap the prompt in the tokenizer's chat template (True),
+    feed it as is (False), or use the template when the tokenizer has one (None, the default of
+    `generate` and of `dynlm generate`)."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("chat=True but this tokenizer has no chat template")
@@ -178,7 +183,7 @@ def stream_decode(model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[i
 
 def stream_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
                     stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, seed: int | None = None,
-                    chat: bool = False, **sampling: Any) -> Iterator[str]:
+                    chat: bool | None = None, **sampling: Any) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece as it is decoded. Stops at an EOS
     token, at any of the `stop` strings (not included), or after `max_new_tokens`."""
     ids = encode_prompt(tokenizer, prompt, chat)
@@ -189,7 +194,7 @@ def stream_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompt: str | list[str], max_new_tokens: int = 64,
              stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, seed: int | None = None,
-             chat: bool = False, **sampling: Any) -> str | list[str]:
+             chat: bool | None = None, **sampling: Any) -> str | list[str]:
     """Continuation(s) of one prompt or a batch of prompts. A batch is decoded together, grouped
     by prompt length so that no padding ever enters the model (outputs are exact)."""
     if isinstance(prompt, str):

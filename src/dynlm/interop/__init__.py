@@ -30,12 +30,23 @@ from dynlm.interop.gguf import (
 from dynlm.interop.hf import eos_token_ids, export_hf_checkpoint, load_hf_checkpoint, read_generation_eos_ids
 
 __all__ = ["load_hf_checkpoint", "export_hf_checkpoint", "load_gguf", "tokenizer_from_gguf", "fetch_smollm2",
-           "convert", "DTYPES", "NAMED_SOURCES"]
+           "convert", "DTYPES", "NAMED_SOURCES", "resolve_named_source"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # real checkpoints `convert` accepts by name instead of a path: fetched once into the cache
 NAMED_SOURCES: dict[str, Callable[[], Path]] = {"smollm2-135m-instruct": fetch_smollm2}
+
+
+def resolve_named_source(src: str | Path, log: Callable[[str], None] | None = None) -> Path:
+    """`src` itself when it exists, else the cached file of a name in NAMED_SOURCES (fetched the
+    first time), else `src` unchanged (the caller reports it missing)."""
+    path = Path(src)
+    if not path.exists() and str(src) in NAMED_SOURCES:
+        if log is not None:
+            log(f"fetching {src} (once; cached)")
+        return NAMED_SOURCES[str(src)]()
+    return path
 
 
 def _read_source(src: Path) -> tuple[Any, Any, list[int]]:
@@ -79,9 +90,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "dynlm", dtype: str | to
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype '{dtype}'", "valid: " + ", ".join(DTYPES))
         dtype = DTYPES[dtype]
-    if not src.exists() and str(src) in NAMED_SOURCES:
-        log(f"fetching {src} (once; cached)")
-        src = NAMED_SOURCES[str(src)]()
+    src = resolve_named_source(src, log)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory",
                               "or name a known checkpoint: " + ", ".join(NAMED_SOURCES))

@@ -102,10 +102,22 @@ def expand(base: BenchConfig, compare: dict[str, list[str]]) -> list[BenchConfig
     keys = list(compare)
     configs = []
     for values in itertools.product(*(compare[k] for k in keys)):
-        changes = {k: COMPARABLE[k](v) for k, v in zip(keys, values)}
+        try:
+            changes = {k: COMPARABLE[k](v) for k, v in zip(keys, values)}
+        except ValueError:
+            bad = next(f"{k}={v}" for k, v in zip(keys, values) if not _parses(COMPARABLE[k], v))
+            raise ConfigError(f"bad --compare value '{bad}'", "batch and seq_len take integers") from None
         label = " ".join(f"{k}={v}" for k, v in zip(keys, values))
         configs.append(dataclasses.replace(base, label=label, **changes))
     return configs
+
+
+def _parses(parse: Callable[[str], Any], value: str) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_compare(items: list[str]) -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,23 +26,71 @@ import torch
 from dynlm import distributed
 from dynlm.checkpoint import is_dynlm_checkpoint, load_checkpoint, model_state_dict, read_safetensors
 from dynlm.data.tokenizers import load_tokenizer
-from dynlm.errors import CheckpointError, ConfigError
+from dynlm.errors import CheckpointError, ConfigError, DynlmError, OutputExistsError
 from dynlm.eval.evaluate import score_documents, split_documents_of, summarize
 from dynlm.infer.generate import generate
+from dynlm.output_dir import check_output_dir, clear_output_dir
 from dynlm.registry import get_architecture
 from dynlm.train.checkpointing import find_resume_checkpoint
-from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
+from dynlm.train.config import RunConfig, TrainConfig, load_run_config, resolve_model_config
 from dynlm.train.data import prepare_run_data
-from dynlm.train.trainer import Callback, Trainer, load_weights, read_metrics, seed_everything
+from dynlm.train.trainer import Callback, Trainer, check_batch_split, load_weights, read_metrics, seed_everything
 
 
-def _unique_run_dir(out_dir: Path, name: str) -> Path:
-    """out_dir/name, or name-2, name-3, ... when that folder already holds something."""
-    candidate, n = out_dir / name, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = out_dir / f"{name}-{n}"
-    return candidate
+def _existing_run(run_dir: Path) -> str:
+    """What a non-empty run folder holds, and what to do about it, for the refusal message."""
+    try:
+        checkpoint, _ = find_resume_checkpoint(run_dir)
+        state = json.loads((checkpoint / "training.json").read_text())
+        step = int(state.get("step", 0))
+    except (CheckpointError, OSError, ValueError):
+        return f"{run_dir} is not empty and holds no checkpoint to resume"
+    try:
+        saved = load_run_config(run_dir / "config.yaml")
+        max_steps = saved.train.max_steps
+    except (DynlmError, OSError):
+        max_steps = None
+    if max_steps is not None and step >= max_steps:
+        return f"{run_dir} holds a finished run (step {step} of {max_steps})"
+    of = f" of {max_steps}" if max_steps is not None else ""
+    return (f"{run_dir} holds a run stopped at step {step}{of}; continue it with "
+            f"`dynlm train --resume {run_dir}`")
+
+
+def check_run_folder(run_dir: Path, force: bool) -> None:
+    """A new run writes into an empty or missing folder; an existing run is continued with
+    --resume, replaced with --force, or left alone (another run_name=...)."""
+    try:
+        check_output_dir(run_dir, force)
+    except OutputExistsError:
+        raise OutputExistsError(_existing_run(run_dir),
+                                "start it over with --force, or name a new run with run_name=NAME") from None
+
+
+def scale_warmup(cfg: TrainConfig) -> str | None:
+    """A warm-up longer than a fifth of the run leaves no room for the schedule (max_steps=60
+    with the quick preset's 100 warm-up steps never reaches the peak): shorten it to that fifth.
+    Returns the message to print, or None when nothing changed."""
+    longest = cfg.max_steps // 5
+    if cfg.warmup_steps <= longest:
+        return None
+    message = (f"warm-up: {longest} steps instead of train.warmup_steps={cfg.warmup_steps}, which is more than a "
+               f"fifth of train.max_steps={cfg.max_steps}")
+    cfg.warmup_steps = longest
+    return message
+
+
+def check_splits_are_used(run: RunConfig) -> None:
+    """Validation needs a val split; the final evaluation needs the splits it names."""
+    fractions = dict(zip(("train", "val", "test"), run.data.splits))
+    needed = {"val": "validation (every train.eval_every steps and at the end)"}
+    for split in run.train.final_eval:
+        needed.setdefault(split, f"train.final_eval={list(run.train.final_eval)}")
+    for split, why in needed.items():
+        if fractions[split] <= 0:
+            raise ConfigError(f"data.splits={list(run.data.splits)} leaves the {split} split empty, but {why} "
+                              "scores it", "e.g. data.splits=[0.9,0.05,0.05]"
+                              + ("" if split == "val" else " or train.final_eval=[val]"))
 
 
 def transfer_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict[str, list[str]]:
@@ -85,10 +134,16 @@ def load_dynlm_checkpoint(path: str) -> torch.nn.Module:
 
 def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
           overrides: Sequence[str] | dict[str, Any] | None = None, *, resume: str | Path | None = None,
-          callbacks: Sequence[Callback] = (), load_model: ModelLoader = load_dynlm_checkpoint) -> Path:
+          callbacks: Sequence[Callback] = (), load_model: ModelLoader = load_dynlm_checkpoint,
+          force: bool = False) -> Path:
     """Run training and return the run folder. `config` is a mode preset ("quick", "scratch",
     "transfer"), a YAML file, a dict or a RunConfig; `resume` a run folder to continue (its saved
     config, with `overrides` applied on top, e.g. a larger train.max_steps).
+
+    A new run refuses a run folder that already holds something (OutputExistsError, naming the
+    run it holds) unless `force`, which replaces it. Everything that can be checked is checked
+    before the folder is created, and the saved config changes only once a resume has succeeded.
+    Ctrl-C and SIGTERM save the step reached (see Trainer.fit) and raise KeyboardInterrupt.
 
     `load_model(path)` reads `init_from` (default: dynlm checkpoints; `dynlm.load_pretrained`
     reads every format). `train.code_form` needs a callback that writes the code form
@@ -107,19 +162,19 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
         run = load_run_config(run_dir / "config.yaml", overrides)
     else:
         run = load_run_config(config if config is not None else "quick", overrides)
+        run_dir = Path(run.out_dir) / str(run.run_name)
+        check_run_folder(run_dir, force)
+        warmup_note = scale_warmup(run.train)
+    check_splits_are_used(run)
 
     ctx = distributed.setup(run.train.device)
+    fresh_folder = created = False  # fresh_folder: a new run's folder that holds only what we wrote
     try:
+        check_batch_split(run.train, ctx.world_size)  # before any data work or folder
         if resume is not None:
             checkpoint, problems = find_resume_checkpoint(run_dir)
             for problem in problems:
                 _say(ctx, f"skipping a broken checkpoint: {problem}")
-        else:
-            chosen = [str(_unique_run_dir(Path(run.out_dir), run.run_name))] if ctx.is_main else [None]
-            run_dir = Path(distributed.all_gather_objects(chosen[0], ctx)[0])  # rank 0 decides
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        _say(ctx, f"run folder: {run_dir}")
 
         # data: rank 0 fetches, trains the tokenizer and tokenizes; the others then read the cache.
         # A resumed run uses the tokenizer saved with its checkpoint.
@@ -133,9 +188,19 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
             tokenizer, splits = prepare_run_data(run, show_progress=False, tokenizer=saved_tokenizer)
 
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
-        model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx, load_model)
-        if ctx.is_main:
-            run.save(run_dir / "config.yaml", model_config)
+        model, model_config, transfer = _build_model(run, tokenizer, checkpoint, ctx, load_model)
+
+        # everything checked: now the run folder
+        if ctx.is_main and resume is None:
+            created, fresh_folder = not run_dir.exists(), True
+            clear_output_dir(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if transfer is not None:
+                (run_dir / "transfer.json").write_text(json.dumps(transfer, indent=2))
+        distributed.barrier(ctx)
+        _say(ctx, f"run folder: {run_dir}")
+        if resume is None and warmup_note:
+            _say(ctx, warmup_note)
         _say(ctx, f"model: {model_config.type}, {model.num_parameters() / 1e6:.2f}M parameters, "
                   f"{model_config.num_layers} layers x {model_config.hidden_size}; tokenizer {run.data.tokenizer} "
                   f"(vocab {tokenizer.vocab_size}); {len(splits['train'].tokens):,} training tokens")
@@ -148,26 +213,40 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
         trainer = Trainer(run, model, tokenizer, splits, run_dir, ctx, callbacks)
         if checkpoint is not None:
             trainer.resume(checkpoint)
+        if ctx.is_main:  # written once the run has started (a refused resume leaves it as it was)
+            run.save(run_dir / "config.yaml", model_config)
+        if trainer.step >= run.train.max_steps:
+            _say(ctx, f"nothing left to train: the run finished at step {trainer.step} (train.max_steps="
+                      f"{run.train.max_steps}); evaluating its best checkpoint again. To train on, resume with "
+                      f"train.max_steps=N above {trainer.step}")
+        fresh_folder = False  # the run has started: its folder stays, whatever happens next
         summary = trainer.fit()
         results = final_evaluation(trainer)
         sample = _sample(trainer)
         if ctx.is_main:
             report = {**summary, "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - t_start,
-                      "evaluation": results, "sample": sample,
+                      "resumed_train_seconds": trainer.elapsed_before, "evaluation": results, "sample": sample,
                       "checkpoint": str(run_dir / "best") if trainer.best_step is not None else None}
             (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
             if run.train.plot:
                 plot_metrics(run_dir)
             _print_summary(report)
         distributed.barrier(ctx)
+    except BaseException:
+        if fresh_folder and ctx.is_main:  # a run that never started leaves nothing behind
+            clear_output_dir(run_dir)
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         distributed.teardown(ctx)
     return run_dir
 
 
-def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_dir: Path,
-                 ctx: distributed.DistContext, load_model: ModelLoader) -> tuple[torch.nn.Module, Any]:
-    source = None
+def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, ctx: distributed.DistContext,
+                 load_model: ModelLoader) -> tuple[torch.nn.Module, Any, dict[str, Any] | None]:
+    """(model on its device, its config, the transfer report of `init_from` or None)."""
+    source, transfer = None, None
     if run.init_from and checkpoint is None:
         source = load_model(run.init_from)
     model_config = resolve_model_config(run, tokenizer.vocab_size, source.config if source is not None else None)
@@ -176,8 +255,7 @@ def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_di
     if source is not None:
         report = transfer_weights(source, model)
         del source
-        if ctx.is_main:
-            (run_dir / "transfer.json").write_text(json.dumps({"init_from": run.init_from, **report}, indent=2))
+        transfer = {"init_from": run.init_from, **report}
         _say(ctx, f"initialised from {run.init_from}: copied {len(report['copied'])} tensors, skipped "
                   f"{len(report['skipped'])}, freshly initialised {len(report['fresh'])} (details in transfer.json)")
         if not report["copied"]:
@@ -185,7 +263,7 @@ def _build_model(run: RunConfig, tokenizer: Any, checkpoint: Path | None, run_di
                               "check model.type and the size fields")
     if checkpoint is not None:
         load_weights(model, checkpoint)
-    return model.to(ctx.device), model_config
+    return model.to(ctx.device), model_config, transfer
 
 
 def final_evaluation(trainer: Trainer) -> dict[str, Any]:
@@ -224,7 +302,7 @@ def _sample(trainer: Trainer) -> str | None:
     if not prompt and not getattr(trainer.tokenizer, "prepend_separator", False):
         return None  # nothing to condition on
     text = generate(trainer.model, trainer.tokenizer, prompt, max_new_tokens=cfg.sample_tokens,
-                          temperature=0.8, top_k=50, seed=cfg.seed)
+                    temperature=0.8, top_k=50, seed=cfg.seed, chat=False)  # a continuation of the corpus
     return prompt + text
 
 
@@ -242,7 +320,12 @@ def _print_summary(report: dict[str, Any]) -> None:
     if report.get("skipped_steps"):
         lines.append(f"skipped steps (non-finite): {report['skipped_steps']}")
     minutes, seconds = divmod(report["wall_seconds"], 60)
-    lines.append(f"time: {int(minutes)}m{seconds:04.1f}s in all ({report['train_seconds']:.1f}s training)")
+    before = report.get("resumed_train_seconds") or 0.0
+    if before:  # train_seconds counts the runs this one resumed, wall_seconds only this session
+        lines.append(f"time: {int(minutes)}m{seconds:04.1f}s this session ({report['train_seconds'] - before:.1f}s "
+                     f"training); {report['train_seconds']:.1f}s training in all, with the sessions it resumed")
+    else:
+        lines.append(f"time: {int(minutes)}m{seconds:04.1f}s in all ({report['train_seconds']:.1f}s training)")
     if report.get("sample"):
         lines.append("sample:\n" + report["sample"])
     print("\n".join(lines), flush=True)

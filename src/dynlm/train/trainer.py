@@ -14,12 +14,15 @@ Validation (loss, bits per byte) runs every `eval_every` steps; checkpoints ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from torch import nn
 
 from dynlm import distributed
 from dynlm.distributed import DistContext
-from dynlm.errors import CheckpointError, DynlmError
+from dynlm.errors import CheckpointError, DynlmError, Terminated
 from dynlm.eval.evaluate import encode_documents, score_documents, summarize, text_spans
 from dynlm.train.checkpointing import (
     TRAINING_INFO_FILE,
@@ -45,7 +48,7 @@ from dynlm.train.checkpointing import (
     save_training_checkpoint,
     step_dir_name,
 )
-from dynlm.train.config import RunConfig
+from dynlm.train.config import RunConfig, TrainConfig
 from dynlm.train.data import SequenceSampler, micro_batches, token_fingerprint
 from dynlm.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -54,6 +57,13 @@ Callback = Callable[[str, "Trainer", dict[str, Any]], None]
 
 class TrainingError(DynlmError):
     """Training cannot go on (diverged, or a checkpoint could not be written)."""
+
+
+def check_batch_split(cfg: TrainConfig, world_size: int) -> None:
+    """The global batch must split evenly over processes and accumulation steps."""
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise TrainingError(f"train.batch_size ({cfg.batch_size}) must be a multiple of "
+                            f"grad_accum x processes ({cfg.grad_accum} x {world_size})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +254,7 @@ class Trainer:
         self.dtype = distributed.resolve_dtype(self.cfg.dtype, self.device)
         self.seq_len = run.data.seq_len
 
-        per_step = ctx.world_size * self.cfg.grad_accum
-        if self.cfg.batch_size % per_step:
-            raise TrainingError(f"train.batch_size ({self.cfg.batch_size}) must be a multiple of "
-                                f"grad_accum x processes ({self.cfg.grad_accum} x {ctx.world_size})")
+        check_batch_split(self.cfg, ctx.world_size)
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
 
         model.fused_loss = self.cfg.fused_loss  # read by the transformer family's forward
@@ -361,6 +368,33 @@ class Trainer:
         return StateDictOptions()
 
     # -- the loop -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deferred_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) and SIGTERM stop the loop at the next step boundary, where the state is
+        consistent and can be saved; a second signal stops at once. Single process only: under
+        torchrun the ranks would stop at different steps, so the default behaviour stays."""
+        self._stop_signal: int | None = None
+        if self.ctx.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # asked twice: stop now, without saving
+                raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_if_asked(self) -> None:
+        if self._stop_signal is not None:
+            self._clean_stop = True
+            raise Terminated() if self._stop_signal == signal.SIGTERM else KeyboardInterrupt()
+
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
@@ -371,41 +405,56 @@ class Trainer:
         self._t_start = time.perf_counter()
         t_log, tokens_at_log = time.perf_counter(), self.tokens_seen
         postfix: dict[str, str] = {}
+        self._clean_stop = False
         try:
-            while self.step < cfg.max_steps:
-                starts = self.sampler.next_batch()
-                batches = [b.to(self.device, non_blocking=True) for b in micro_batches(
-                    self.train_tokens, starts, self.seq_len, self.ctx.rank, self.ctx.world_size, cfg.grad_accum)]
-                set_learning_rate(self.optimizer, learning_rate(self.step, cfg))
-                out = self.step_fn(batches)
-                self._accumulate(out)
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                bar.update(1)
-                self._emit("step", {"step": self.step})
+            with self._deferred_signals():
+                while self.step < cfg.max_steps:
+                    starts = self.sampler.next_batch()
+                    batches = [b.to(self.device, non_blocking=True) for b in micro_batches(
+                        self.train_tokens, starts, self.seq_len, self.ctx.rank, self.ctx.world_size, cfg.grad_accum)]
+                    set_learning_rate(self.optimizer, learning_rate(self.step, cfg))
+                    out = self.step_fn(batches)
+                    self._accumulate(out)
+                    self.step += 1
+                    self.tokens_seen += self.tokens_per_step
+                    bar.update(1)
+                    self._emit("step", {"step": self.step})
 
-                last_step = self.step == cfg.max_steps
-                if self.step % cfg.log_every == 0 or last_step:
-                    now = time.perf_counter()
-                    record = self._log(now - t_log, self.tokens_seen - tokens_at_log)
-                    t_log, tokens_at_log = now, self.tokens_seen
-                    postfix["loss"] = "nan" if record["loss"] is None else f"{record['loss']:.3f}"
-                    if record["loss"] is not None:
-                        postfix["bpb"] = f"{record['train_bpb']:.3f}"
-                    postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-                paused_at = time.perf_counter()
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last_step:
-                    postfix["val_bpb"] = f"{self.validate()['bpb']:.3f}"
-                    bar.set_postfix(postfix, refresh=False)
-                if self.step % cfg.save_every == 0 or last_step:
-                    self.save()
-                t_log += time.perf_counter() - paused_at  # tokens/s counts training time only
-        except KeyboardInterrupt:
+                    last_step = self.step == cfg.max_steps
+                    stopping = self._stop_signal is not None
+                    if self.step % cfg.log_every == 0 or last_step or stopping:
+                        now = time.perf_counter()
+                        record = self._log(now - t_log, self.tokens_seen - tokens_at_log)
+                        t_log, tokens_at_log = now, self.tokens_seen
+                        postfix["loss"] = "nan" if record["loss"] is None else f"{record['loss']:.3f}"
+                        if record["loss"] is not None:
+                            postfix["bpb"] = f"{record['train_bpb']:.3f}"
+                        postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+                        bar.set_postfix(postfix, refresh=False)
+                    paused_at = time.perf_counter()
+                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or last_step:
+                        postfix["val_bpb"] = f"{self.validate()['bpb']:.3f}"
+                        bar.set_postfix(postfix, refresh=False)
+                    if self.step % cfg.save_every == 0 or last_step:
+                        self.save()
+                    t_log += time.perf_counter() - paused_at  # tokens/s counts training time only
+                    self._stop_if_asked()
+                self._stop_if_asked()
+        except KeyboardInterrupt as e:
             bar.close()
-            where = (f"the last checkpoint ({self.last_saved}) is intact; resume with "
-                     f"`dynlm train --resume {self.run_dir}`") if self.last_saved else "no checkpoint was written yet"
-            self.say(f"training interrupted at step {self.step}: {where}")
+            what = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            if self._clean_stop and self.step > 0 and self.ctx.is_main:
+                # a step boundary: save it, so that even a run stopped before its first periodic
+                # save continues from here
+                if self.last_saved is None or self.last_saved.name != step_dir_name(self.step):
+                    self.save()
+                where = f"saved {self.last_saved}"
+            elif self.last_saved:
+                where = f"the last checkpoint ({self.last_saved}) is intact"
+            else:
+                where = "no checkpoint was written yet"
+            resume = f"; continue with `dynlm train --resume {self.run_dir}`" if self.last_saved else ""
+            self.say(f"training {what} at step {self.step}: {where}{resume}")
             raise
         finally:
             bar.close()

@@ -287,9 +287,10 @@ class Delta:
 
 def diff(base: Any, new: Any, out_dir: str | Path, kind: str = "auto", mode: str = "inline",
          rank: int | None = None, max_rel_error: float | None = None, note: str = "",
-         extra: dict[str, Any] | None = None) -> Delta:
+         extra: dict[str, Any] | None = None, result_label: str | None = None) -> Delta:
     """The delta that turns `base` into `new` (models or checkpoint folders of the same
-    architecture), written to `out_dir`. `extra` goes into the header as its "lineage"."""
+    architecture), written to `out_dir`. `extra` goes into the header as its "lineage";
+    `result_label` names the result in the header instead of `new`'s path (a temporary one)."""
     if kind not in KINDS:
         raise CheckpointError(f"unknown delta kind '{kind}'", "use " + ", ".join(KINDS))
     if kind == "lowrank" and rank is None and max_rel_error is None:
@@ -321,7 +322,8 @@ def diff(base: Any, new: Any, out_dir: str | Path, kind: str = "auto", mode: str
     header = {
         "base_weights_sha256": weights_sha256(a.cell_hashes()),
         "result_weights_sha256": weights_sha256(b.cell_hashes()),
-        "base": a.label, "result": b.label, "time": now(), "exact": all(c.kind != "lowrank" for c in cells),
+        "base": a.label, "result": result_label or b.label, "time": now(),
+        "exact": all(c.kind != "lowrank" for c in cells),
         "kinds": counts, "note": note,
     }
     if extra:

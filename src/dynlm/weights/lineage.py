@@ -147,7 +147,8 @@ def specialize(parent: Any, domain: str, corpus: str, out_dir: str | Path, steps
                   "evaluation": {k: v for k, v in (report.get("evaluation") or {}).items()
                                  if isinstance(v, dict) or k == "step"}}
         delta = diff(base if src.code is None else src.code.path, tuned, out_dir, kind=kind, mode=mode,
-                     note=f"{domain}: fine-tuned {steps} steps on {corpus}", extra=header)
+                     note=f"{domain}: fine-tuned {steps} steps on {corpus}", extra=header,
+                     result_label=None if work_dir is not None else f"{domain} (temporary run folder, removed)")
     return delta
 
 
