@@ -15,7 +15,7 @@ import pytest
 
 from dynlm.cli import main
 from dynlm.errors import ConfigError, OutputExistsError
-from dynlm.eval import arena
+from dynlm.train import arena
 from dynlm.train.arena import ArchInfo, ArenaTier, Budget, Settings, parse_budget, plan_arms, run_arena
 
 WORDS = ["the", "king", "queen", "lord", "shall", "not", "be", "or", "to", "love", "night", "day", "sweet", "death",

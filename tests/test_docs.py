@@ -86,12 +86,19 @@ def test_python_examples_run(doc, code, tmp_path):
     assert result.returncode == 0, f"{doc} example failed:\n{result.stderr[-2000:]}"
 
 
+# commands that run until stopped (a server, an interactive client): parsed above, not run here;
+# tests/test_serve.py and tests/test_chat_cli.py run them on loopback
+RUN_UNTIL_STOPPED = {"serve", "chat"}
+
+
 @pytest.mark.slow
 def test_documented_commands_run(tmp_path):
     """Runs every documented command in order, in one folder (later commands use what earlier
     ones made), as a user following the docs would."""
     for doc, line in COMMANDS:
         argv = shlex.split(line, comments=True)
+        if argv[1] in RUN_UNTIL_STOPPED:
+            continue
         argv[0] = str(Path(sys.executable).with_name("dynlm"))
         result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         # a page repeating a command another page ran (`dynlm train quick`) meets its own output
