@@ -76,6 +76,17 @@ class AgiformerConfig(ModelConfig):
         except ConfigError as e:
             raise ConfigError(f"model.plasticity: {e.message}") from None
 
+    def check_sequence_length(self, seq_len: int) -> None:
+        """Training sequences must be whole patches, and at least one attention window long
+        (a longer window would never be trained)."""
+        if seq_len % self.patch_size:
+            raise ConfigError(f"model.patch_size ({self.patch_size}) does not divide data.seq_len ({seq_len})",
+                              f"use a multiple of {self.patch_size}, e.g. {seq_len - seq_len % self.patch_size}")
+        if self.sliding_window * self.patch_size > seq_len:
+            raise ConfigError(f"model.sliding_window ({self.sliding_window} patches = "
+                              f"{self.sliding_window * self.patch_size} bytes) is longer than data.seq_len "
+                              f"({seq_len} bytes)", "lower model.sliding_window or raise data.seq_len")
+
 
 # ---------------------------------------------------------------------------------------------
 # Blocks

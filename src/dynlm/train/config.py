@@ -27,8 +27,19 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dynlm.config import CONFIG_ROOT, ModelConfig, deep_merge, load_yaml, model_config, parse_overrides, to_dataclass
+from dynlm.config import (
+    CONFIG_ROOT,
+    ModelConfig,
+    deep_merge,
+    list_model_presets,
+    load_yaml,
+    model_config,
+    model_preset,
+    parse_overrides,
+    to_dataclass,
+)
 from dynlm.errors import ConfigError, did_you_mean
+from dynlm.registry import get_architecture
 
 # ---------------------------------------------------------------------------------------------
 # Top-level aliases (hook for the architecture configs).
@@ -261,6 +272,30 @@ def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _byte_level_defaults(data: dict[str, Any], overrides: dict[str, Any], from_mode_preset: bool) -> None:
+    """A byte-level architecture (its config class says `byte_level = True`) reads raw bytes: the
+    mode preset's BPE tokenizer becomes `bytes` and its `<other>-<size>` model preset becomes
+    `<type>-<size>` when that preset exists (`dynlm train quick model.type=agiformer` trains
+    agiformer-quick on bytes). Asking for another tokenizer explicitly is an error."""
+    model, data_section = data.get("model"), data.get("data")
+    if not isinstance(model, dict) or not isinstance(data_section, dict) or "type" not in model:
+        return
+    config_class, _ = get_architecture(str(model["type"]))
+    if not getattr(config_class, "byte_level", False):
+        return
+    tokenizer = data_section.get("tokenizer", "bytes")
+    if tokenizer != "bytes":
+        if "tokenizer" in (overrides.get("data") or {}) or not from_mode_preset:
+            raise ConfigError(f"model.type={model['type']} reads raw bytes; data.tokenizer must be 'bytes', "
+                              f"got '{tokenizer}'")
+        data_section["tokenizer"] = "bytes"
+    preset = model.get("preset")
+    if isinstance(preset, str) and "-" in preset and "preset" not in (overrides.get("model") or {}):
+        candidate = f"{model['type']}-{preset.split('-', 1)[1]}"
+        if model_preset(preset).get("type", "standard") != model["type"] and candidate in list_model_presets():
+            model["preset"] = candidate
+
+
 def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = None,
                     overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Preset name ("quick"), YAML path or dict, merged with overrides (["train.lr=1e-3"] or a
@@ -282,8 +317,11 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = Non
             data[key] = {}
         if not isinstance(data[key], dict):
             raise ConfigError(f"config section '{key}' must be a mapping, got {data[key]!r}")
+    _byte_level_defaults(data, override_dict, from_mode_preset=isinstance(source, str) and not _looks_like_path(source))
     model_section = dict(data["model"])
-    model_config(model_section)  # validate the architecture's keys and values now, not after data prep
+    checked = model_config(model_section)  # validate the architecture's keys and values now, not after data prep
+    if hasattr(checked, "check_sequence_length"):  # e.g. patches must tile the training sequence
+        checked.check_sequence_length(int(data["data"].get("seq_len", DataConfig.seq_len)))
     run = RunConfig(model=model_section,
                     data=to_dataclass(DataConfig, data["data"], prefix="data."),
                     train=to_dataclass(TrainConfig, data["train"], prefix="train."))
