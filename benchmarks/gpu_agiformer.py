@@ -118,6 +118,7 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"Produced by `benchmarks/gpu_agiformer.py` at commit {result['commit']}; torch {result['torch']}.", ""]
     if result.get("kernel"):
         lines += ["## Decayed linear attention vs causal SDPA (flash), forward + backward, B=1, H=16, D=64, bf16", "",
+                  f"Our chunk length: {result['chunk']}.", "",
                   "| T | SDPA flash ms | ours compiled ms | ours eager ms | chunk loop fp32 ms | fla simple_gla ms |"
                   " best ours / SDPA |", "|---|---|---|---|---|---|---|"]
         keys = ["sdpa_flash_ms", "ours_compiled_ms", "ours_eager_ms", "chunk_loop_fp32_ms", "fla_chunk_simple_gla_ms"]
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpe-bytes-per-token", type=float, default=1.0,
                         help="bytes per token of the standard model's BPE tokenizer (for bytes/s)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device (checks the script)")
+    parser.add_argument("--lengths", default="2048,8192,32768", help="sequence lengths of the kernel benchmark")
+    parser.add_argument("--chunk", type=int, default=64, help="chunk length of our chunked form")
+    parser.add_argument("--parts", default="kernel,models", help="kernel, models or both")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_agiformer: no CUDA device (use --smoke to check the script)", file=sys.stderr)
@@ -172,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"device": device_name(device), "commit": args.commit, "torch": torch.__version__,
                               "bpe_bytes_per_token": args.bpe_bytes_per_token, "errors": []}
     started = time.time()
-    if device.type == "cuda":
+    parts = set(args.parts.split(","))
+    result["chunk"] = args.chunk
+    if device.type == "cuda" and "kernel" in parts:
         try:
-            result["kernel"] = kernel_bench([2048, 8192, 32768], heads=16, dim=64, chunk=64)
+            lengths = [int(t) for t in args.lengths.split(",")]
+            result["kernel"] = kernel_bench(lengths, heads=16, dim=64, chunk=args.chunk)
         except Exception:  # noqa: BLE001 - keep the other parts
             result["errors"].append("kernel: " + traceback.format_exc().splitlines()[-1])
         write(args.out, result)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                BenchConfig(**dict(std, batch=1), train=False, forward=False, decode_contexts=contexts,
                            decode_tokens=32, label="standard 9x512 decode")]
     try:
-        result["models"] = run_suite(configs, title="agiformer vs standard")
+        if "models" in parts:
+            result["models"] = run_suite(configs, title="agiformer vs standard")
     except Exception:  # noqa: BLE001
         result["errors"].append("models: " + traceback.format_exc().splitlines()[-1])
     result["seconds"] = time.time() - started

@@ -191,7 +191,7 @@ class ByteHead(nn.Module):
             new = self.cell(inp, h.to(inp.dtype))
             h = torch.where(active[:, j].repeat(b).unsqueeze(-1), new.float(), h)  # the hidden stays fp32
             outputs.append(h)
-        out = torch.stack(outputs, dim=1).view(b, g, p, -1)
+        out = torch.stack(outputs, dim=1).view(b, g, p, -1).to(emb.dtype)  # the weights' dtype for the LM head
         return self.norm(out), h.view(b, g, -1)
 
 

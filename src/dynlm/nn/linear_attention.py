@@ -28,6 +28,7 @@ alpha (the plasticity) is given by the caller, and the normalised read-out.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,6 +42,17 @@ from dynlm.nn.linear import project
 # state [B, H, Dk, Dv] fp32. Every function returns (o [B, H, T, Dv] fp32, final state fp32).
 
 
+def _no_autocast(fn):
+    """Run `fn` with autocast off: its fp32 states and decays must stay fp32 under a bf16 autocast
+    (which would otherwise recast every matmul); low-precision matmuls are chosen explicitly."""
+    @functools.wraps(fn)
+    def wrapper(q: torch.Tensor, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+    return wrapper
+
+
+@_no_autocast
 def recurrent_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = q_t^T S_t, in fp32."""
@@ -67,6 +79,7 @@ def _pad_to_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     return q, k, v, g
 
 
+@_no_autocast
 def chunked_linear_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                   state: torch.Tensor | None = None, chunk_size: int = 64
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +104,7 @@ def chunked_linear_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return torch.cat(outputs, dim=2)[:, :, :t], s
 
 
+@_no_autocast
 def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                              state: torch.Tensor | None = None, chunk_size: int = 64
                              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +112,8 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     chunk run in the inputs' dtype (fp32 accumulation); decays, states and outputs are fp32."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
-    q, k, v, g = _pad_to_chunks(q, k, v, g.float(), chunk_size)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v, g = _pad_to_chunks(q.to(dtype), k.to(dtype), v.to(dtype), g.float(), chunk_size)
     n = q.shape[2] // chunk_size
     c = chunk_size
     qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))  # [B, H, N, C, D]
