@@ -38,7 +38,9 @@ from dynlm.config import (
     parse_overrides,
     to_dataclass,
 )
+from dynlm.data.corpora import get_corpus
 from dynlm.errors import ConfigError, did_you_mean
+from dynlm.nn.linear_attention import check_plasticity
 from dynlm.registry import get_architecture
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +90,30 @@ _TOKENIZER_PATTERN = re.compile(r"^bpe:(\d+)$")
 
 
 @dataclass
+class CurriculumStage:
+    """One stage of `data.curriculum` (see dynlm.train.curriculum): a corpus, a length in steps
+    or as a fraction of train.max_steps (the last stage runs to the end), and a plasticity alpha."""
+
+    corpus: str = "shakespeare"
+    steps: int | None = None
+    fraction: float | None = None
+    plasticity: float | None = None  # null: leave the model's alpha as it is
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.fraction is not None:
+            raise ConfigError(f"curriculum stage '{self.corpus}': give steps or fraction, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"curriculum stage '{self.corpus}': steps must be >= 1, got {self.steps}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"curriculum stage '{self.corpus}': fraction must be in (0, 1], got {self.fraction}")
+        if self.plasticity is not None:
+            try:
+                check_plasticity(self.plasticity)
+            except ConfigError as e:
+                raise ConfigError(f"curriculum stage '{self.corpus}': {e.message}") from None
+
+
+@dataclass
 class DataConfig:
     corpus: str = "shakespeare"  # a registered corpus name, a file, folder or glob
     tokenizer: str = "bytes"  # "bytes" | "bpe:<vocab_size>" (trained on the train split, cached) | path | "init"
@@ -95,6 +121,7 @@ class DataConfig:
     splits: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train / val / test, by document
     vocab_multiple: int = 64  # model vocab = tokenizer vocab rounded up to this (GPU-friendly matmuls)
     cache_dir: str | None = None  # $DYNLM_CACHE or ~/.cache/dynlm when null
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # training stages; empty: train on `corpus`
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -335,6 +362,8 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = Non
         run.run_name = default_name or run.mode
     if run.run_name in ("", ".", "..") or "/" in run.run_name:
         raise ConfigError(f"bad value for 'run_name': '{run.run_name}'", "a plain folder name")
+    for stage in run.data.curriculum:  # a misspelt stage corpus fails now, before any folder is made
+        get_corpus(stage.corpus)
     if run.data.tokenizer == "init" and not run.init_from:
         raise ConfigError("data.tokenizer is 'init' but init_from is not set", "set init_from=PATH")
     if run.mode == "transfer" and not run.init_from:

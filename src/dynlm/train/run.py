@@ -25,8 +25,9 @@ import torch
 from dynlm.checkpoint import model_state_dict
 from dynlm.errors import CheckpointError, ConfigError
 from dynlm.train import distributed
-from dynlm.train.checkpointing import find_resume_checkpoint
+from dynlm.train.checkpointing import find_resume_checkpoint, read_trainer_state
 from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
+from dynlm.train.curriculum import Curriculum
 from dynlm.train.data import prepare_run_data
 from dynlm.train.trainer import Callback, Trainer, load_weights, read_metrics, seed_everything
 
@@ -112,8 +113,17 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
         if not ctx.is_main:
             tokenizer, splits = prepare_run_data(run, show_progress=False, tokenizer=saved_tokenizer)
 
+        curriculum = None
+        if run.data.curriculum:  # stages tokenized now; the trainer starts in the stage of its step
+            curriculum = Curriculum.prepare(run, tokenizer, show_progress=ctx.is_main)
+            step = int(read_trainer_state(checkpoint)["step"]) if checkpoint is not None else 0
+            splits = {**splits, "train": curriculum.train_split_at(step)}
+
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model, model_config = _build_model(run, tokenizer, checkpoint, run_dir, ctx)
+        if curriculum is not None:
+            curriculum.check_model(model)
+            callbacks = [*callbacks, curriculum]
         if ctx.is_main:
             run.save(run_dir / "config.yaml", model_config)
         _say(ctx, f"model: {model_config.type}, {model.num_parameters() / 1e6:.2f}M parameters, "
