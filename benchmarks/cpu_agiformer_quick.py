@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/agi-quick"))
+    parser.add_argument("--eval-bytes", type=int, default=65536, help="validation bytes scored (evenly spaced)")
     parser.add_argument("overrides", nargs="*", help="extra run overrides, e.g. train.max_steps=300")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {"device": f"CPU ({platform.processor() or platform.machine()}, "
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = dynlm.load_tokenizer(run_dir / "best")
         seq_len = int(model.config.max_position_embeddings) if arch != "agiformer" else 256
         seq_len = min(seq_len, 256)  # the training length of the quick preset, for both
-        result = evaluate(model, tokenizer, "shakespeare", split="val", seq_len=seq_len)
+        result = evaluate(model, tokenizer, "shakespeare", split="val", seq_len=seq_len, max_bytes=args.eval_bytes)
         tokens_per_s = float(np.median([r["tokens_per_s"] for r in records[1:] or records]))
         report["models"][arch] = {
             "run_dir": str(run_dir), "steps": records[-1]["step"], "parameters": model.num_parameters(),
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# `dynlm train quick`: standard (BPE-2048) vs AGIFORMER (bytes), CPU", "",
              f"{report['device']}, torch {report['torch']}. Same preset schedule, corpus, batch (8 x 256) and "
              f"steps (`dynlm train quick model.type=...`{' ' + ' '.join(args.overrides) if args.overrides else ''}); "
-             "a step holds 2048 tokens: 2048 bytes for AGIFORMER, about 2.5 times more text for BPE. Scored on the "
-             "full Shakespeare validation split, context 256 tokens. Produced by `benchmarks/cpu_agiformer_quick.py`; "
+             "a step holds 2048 tokens: 2048 bytes for AGIFORMER, about 2.5 times more text for BPE. Scored on "
+             f"{args.eval_bytes:,} bytes of the Shakespeare validation split (evenly spaced pieces), context 256 "
+             "tokens. Produced by `benchmarks/cpu_agiformer_quick.py`; "
              "throughput on a shared 2-core machine is indicative only.", "",
              "| model | params | steps | train bytes seen | train tokens/s | train bytes/s | val bits/byte | "
              "val bits/char |", "|---|---|---|---|---|---|---|---|"]
