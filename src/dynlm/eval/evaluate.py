@@ -9,7 +9,8 @@ Units (docs/evaluation.md, "Units"):
   ppl        exp(loss_nats): per token, only comparable between models with the same tokenizer
   bpb        total loss in nats / (ln 2 * UTF-8 bytes of the scored text): the one unit that
              compares a byte model with a BPE model. For a byte model bpb == loss_nats / ln 2.
-  bpc        bits per Unicode character, reported only where characters and bytes differ.
+  bpc        bits per Unicode character (whenever the character count is known; equals bpb on
+             ASCII text, and exceeds it where characters take several UTF-8 bytes).
 
 Every document is preceded by the tokenizer's separator token (as in training), which is input
 only: every token of the text, the first one included, is a target, scored exactly once.
@@ -154,10 +155,9 @@ def summarize(total_nats: float, num_tokens: int, num_bytes: int, num_chars: int
         "stride": min(stride, seq_len - 1),
         "total_nats": total_nats,
     }
-    if num_chars is not None:
+    if num_chars:  # per character too: equal to bpb on ASCII, larger where a character is several bytes
         result["num_chars"] = num_chars
-        if num_chars != num_bytes:
-            result["bpc"] = total_nats / (math.log(2) * num_chars)
+        result["bpc"] = total_nats / (math.log(2) * num_chars)
     return result
 
 

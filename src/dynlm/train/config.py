@@ -27,8 +27,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dynlm.config import CONFIG_ROOT, ModelConfig, deep_merge, load_yaml, model_config, parse_overrides, to_dataclass
+from dynlm.config import (
+    CONFIG_ROOT,
+    ModelConfig,
+    deep_merge,
+    list_model_presets,
+    load_yaml,
+    model_config,
+    model_preset,
+    parse_overrides,
+    to_dataclass,
+)
+from dynlm.data.corpora import get_corpus
 from dynlm.errors import ConfigError, did_you_mean
+from dynlm.nn.linear_attention import check_plasticity
+from dynlm.registry import get_architecture
 
 # ---------------------------------------------------------------------------------------------
 # Top-level aliases (hook for the architecture configs).
@@ -77,6 +90,30 @@ _TOKENIZER_PATTERN = re.compile(r"^bpe:(\d+)$")
 
 
 @dataclass
+class CurriculumStage:
+    """One stage of `data.curriculum` (see dynlm.train.curriculum): a corpus, a length in steps
+    or as a fraction of train.max_steps (the last stage runs to the end), and a plasticity alpha."""
+
+    corpus: str = "shakespeare"
+    steps: int | None = None
+    fraction: float | None = None
+    plasticity: float | None = None  # null: leave the model's alpha as it is
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.fraction is not None:
+            raise ConfigError(f"curriculum stage '{self.corpus}': give steps or fraction, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"curriculum stage '{self.corpus}': steps must be >= 1, got {self.steps}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ConfigError(f"curriculum stage '{self.corpus}': fraction must be in (0, 1], got {self.fraction}")
+        if self.plasticity is not None:
+            try:
+                check_plasticity(self.plasticity)
+            except ConfigError as e:
+                raise ConfigError(f"curriculum stage '{self.corpus}': {e.message}") from None
+
+
+@dataclass
 class DataConfig:
     corpus: str = "shakespeare"  # a registered corpus name, a file, folder or glob
     tokenizer: str = "bytes"  # "bytes" | "bpe:<vocab_size>" (trained on the train split, cached) | path | "init"
@@ -84,6 +121,7 @@ class DataConfig:
     splits: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train / val / test, by document
     vocab_multiple: int = 64  # model vocab = tokenizer vocab rounded up to this (GPU-friendly matmuls)
     cache_dir: str | None = None  # $DYNLM_CACHE or ~/.cache/dynlm when null
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # training stages; empty: train on `corpus`
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -262,6 +300,30 @@ def _apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _byte_level_defaults(data: dict[str, Any], overrides: dict[str, Any], from_mode_preset: bool) -> None:
+    """A byte-level architecture (its config class says `byte_level = True`) reads raw bytes: the
+    mode preset's BPE tokenizer becomes `bytes` and its `<other>-<size>` model preset becomes
+    `<type>-<size>` when that preset exists (`dynlm train quick model.type=agiformer` trains
+    agiformer-quick on bytes). Asking for another tokenizer explicitly is an error."""
+    model, data_section = data.get("model"), data.get("data")
+    if not isinstance(model, dict) or not isinstance(data_section, dict) or "type" not in model:
+        return
+    config_class, _ = get_architecture(str(model["type"]))
+    if not getattr(config_class, "byte_level", False):
+        return
+    tokenizer = data_section.get("tokenizer", "bytes")
+    if tokenizer != "bytes":
+        if "tokenizer" in (overrides.get("data") or {}) or not from_mode_preset:
+            raise ConfigError(f"model.type={model['type']} reads raw bytes; data.tokenizer must be 'bytes', "
+                              f"got '{tokenizer}'")
+        data_section["tokenizer"] = "bytes"
+    preset = model.get("preset")
+    if isinstance(preset, str) and "-" in preset and "preset" not in (overrides.get("model") or {}):
+        candidate = f"{model['type']}-{preset.split('-', 1)[1]}"
+        if model_preset(preset).get("type", "standard") != model["type"] and candidate in list_model_presets():
+            model["preset"] = candidate
+
+
 def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = None,
                     overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Preset name ("quick"), YAML path or dict, merged with overrides (["train.lr=1e-3"] or a
@@ -283,8 +345,11 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = Non
             data[key] = {}
         if not isinstance(data[key], dict):
             raise ConfigError(f"config section '{key}' must be a mapping, got {data[key]!r}")
+    _byte_level_defaults(data, override_dict, from_mode_preset=isinstance(source, str) and not _looks_like_path(source))
     model_section = dict(data["model"])
-    model_config(model_section)  # validate the architecture's keys and values now, not after data prep
+    checked = model_config(model_section)  # validate the architecture's keys and values now, not after data prep
+    if hasattr(checked, "check_sequence_length"):  # e.g. patches must tile the training sequence
+        checked.check_sequence_length(int(data["data"].get("seq_len", DataConfig.seq_len)))
     run = RunConfig(model=model_section,
                     data=to_dataclass(DataConfig, data["data"], prefix="data."),
                     train=to_dataclass(TrainConfig, data["train"], prefix="train."))
@@ -298,6 +363,8 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = Non
         run.run_name = default_name or run.mode
     if run.run_name in ("", ".", "..") or "/" in run.run_name:
         raise ConfigError(f"bad value for 'run_name': '{run.run_name}'", "a plain folder name")
+    for stage in run.data.curriculum:  # a misspelt stage corpus fails now, before any folder is made
+        get_corpus(stage.corpus)
     if run.data.tokenizer == "init" and not run.init_from:
         raise ConfigError("data.tokenizer is 'init' but init_from is not set", "set init_from=PATH")
     if run.mode == "transfer" and not run.init_from:

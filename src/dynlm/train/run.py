@@ -31,8 +31,9 @@ from dynlm.eval.evaluate import score_documents, split_documents_of, summarize
 from dynlm.infer.generate import generate
 from dynlm.output_dir import check_output_dir, clear_output_dir
 from dynlm.registry import get_architecture
-from dynlm.train.checkpointing import find_resume_checkpoint
+from dynlm.train.checkpointing import find_resume_checkpoint, read_trainer_state
 from dynlm.train.config import RunConfig, TrainConfig, load_run_config, resolve_model_config
+from dynlm.train.curriculum import Curriculum
 from dynlm.train.data import prepare_run_data
 from dynlm.train.trainer import Callback, Trainer, check_batch_split, load_weights, read_metrics, seed_everything
 
@@ -187,8 +188,17 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
         if not ctx.is_main:
             tokenizer, splits = prepare_run_data(run, show_progress=False, tokenizer=saved_tokenizer)
 
+        curriculum = None
+        if run.data.curriculum:  # stages tokenized now; the trainer starts in the stage of its step
+            curriculum = Curriculum.prepare(run, tokenizer, show_progress=ctx.is_main)
+            step = int(read_trainer_state(checkpoint)["step"]) if checkpoint is not None else 0
+            splits = {**splits, "train": curriculum.train_split_at(step)}
+
         torch.manual_seed(run.train.seed)  # the same initial weights on every rank
         model, model_config, transfer = _build_model(run, tokenizer, checkpoint, ctx, load_model)
+        if curriculum is not None:
+            curriculum.check_model(model)
+            callbacks = [*callbacks, curriculum]
 
         # everything checked: now the run folder
         if ctx.is_main and resume is None:

@@ -1,0 +1,109 @@
+"""AGIFORMER beyond the shared conformance module: byte causality by perturbation, streaming
+across patch boundaries in uneven pieces, plasticity, numerics at small alpha."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynlm
+from dynlm.errors import ConfigError
+
+VOCAB = 258  # the byte tokenizer's ids
+
+
+def tiny(**overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return dynlm.build_model("agiformer-tiny", vocab_size=VOCAB, **overrides)
+
+
+def byte_ids(batch: int = 2, length: int = 23, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_no_prediction_depends_on_its_own_byte_or_a_later_one(mode):
+    # logits[t] predict byte t+1. Perturbing byte s must leave logits[0 .. s-1] (the predictions
+    # of bytes 1 .. s) unchanged, and must change logits[s] (the model does read byte s).
+    # 23 bytes = 5 full patches + 3: every offset inside a patch and the tail are covered.
+    model = tiny().train(mode == "train")
+    x = byte_ids(batch=1)[0]  # [T]
+    t = x.shape[0]
+    changed = x.repeat(t, 1)  # row s has byte s perturbed (one batched forward; rows are independent)
+    changed[torch.arange(t), torch.arange(t)] = (x + 97) % 256
+    with torch.no_grad():
+        base = model(x[None]).logits[0]
+        out = model(changed).logits
+    for s in range(t):
+        torch.testing.assert_close(out[s, :s], base[:s], atol=1e-6, rtol=0)
+        assert (out[s, s] - base[s]).abs().max() > 1e-5, f"logits[{s}] ignore byte {s}"
+
+
+@pytest.mark.parametrize("pieces", [[1] * 19, [3, 1, 6, 2, 7], [4, 4, 4, 7], [19]])
+def test_streaming_in_any_pieces_equals_one_forward(pieces):
+    model = tiny().eval()
+    x = byte_ids(length=sum(pieces))
+    with torch.no_grad():
+        full = model(x).logits
+        state = model.init_state(2)
+        outs, sizes, start = [], [], 0
+        for n in pieces:
+            out = model(x[:, start:start + n], state=state)
+            outs.append(out.logits)
+            state = out.state
+            sizes.append(model.state_nbytes(state))
+            start += n
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert state.position == sum(pieces)
+    assert len(set(sizes)) == 1, "the state must not grow with the bytes consumed"
+
+
+def test_use_cache_returns_a_state_and_a_plain_forward_does_not():
+    model = tiny().eval()
+    x = byte_ids(length=10)
+    with torch.no_grad():
+        assert model(x).state is None
+        out = model(x[:, :6], use_cache=True)
+        rest = model(x[:, 6:], state=out.state)
+        full = model(x).logits
+    torch.testing.assert_close(torch.cat([out.logits, rest.logits], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_plasticity_is_explicit_saved_and_validated(tmp_path: Path):
+    model = tiny().eval()
+    x = byte_ids(length=40)
+    with torch.no_grad():
+        at_one = model(x).logits
+        model.set_plasticity(0.1)
+        at_small = model(x).logits
+    assert (at_one - at_small).abs().max() > 1e-4  # alpha reaches the memory
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = dynlm.load_pretrained(tmp_path / "ckpt")
+    assert loaded.plasticity == 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, at_small)
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(ConfigError, match="plasticity"):
+            model.set_plasticity(bad)
+        with pytest.raises(ConfigError, match="plasticity"):
+            tiny(plasticity=bad)
+
+
+def test_training_at_small_alpha_stays_finite():
+    # 256 bytes = 64 patches at alpha = 0.1: the reference's parallel form overflowed here
+    model = tiny(plasticity=0.1).train()
+    x = byte_ids(batch=2, length=256)
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_model_configs_are_one_line_errors():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        tiny(num_kv_heads=2)
+    with pytest.raises(ConfigError, match="patch_size"):
+        tiny(patch_size=0)
