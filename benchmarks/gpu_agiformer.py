@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dynlm.eval.bench import BenchConfig, run_suite
 
 from dynlm.eval.flops import device_name
 from dynlm.nn.linear_attention import chunked_linear_attention, chunked_linear_attention_loop
+from dynlm.train.bench import BenchConfig, run_suite
 
 # standard body with the parameters of agiformer-31m (37.95M): 9 layers x 512, vocab 2048 -> 38.8M
 STANDARD_EQUAL = {"hidden_size": 512, "num_layers": 9, "num_heads": 8, "num_kv_heads": 8,

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynlm.errors import ConfigError
-from dynlm.nn.linear import project
 
 # Shapes used throughout: q, k [B, H, T, Dk]; v [B, H, T, Dv]; g [B, H, T] (log-decay, <= 0);
 # state [B, H, Dk, Dv] fp32. Every function returns (o [B, H, T, Dv] fp32, final state fp32).
@@ -196,7 +195,7 @@ class DecayedLinearMemory(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         h, e = self.num_heads, self.head_dim
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = (F.elu(q.view(b, t, h, e).transpose(1, 2)) + 1) / math.sqrt(e)  # [B, H, T, E]
         k = F.elu(k.view(b, t, h, e).transpose(1, 2)) + 1
         v = v.view(b, t, h, e).transpose(1, 2)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynlm.nn.attention import attention_mask
-from dynlm.nn.linear import project
 from dynlm.nn.rope import apply_rotary
 
 try:  # FlexAttention (torch >= 2.5); only used on CUDA
@@ -140,7 +139,7 @@ class SlidingWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 history: WindowHistory | None = None) -> tuple[torch.Tensor, WindowHistory | None]:
         b, t, _ = x.shape
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))  # [B, H, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if history is None:
