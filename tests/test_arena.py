@@ -52,7 +52,7 @@ def tiny_tier(corpus_dir: Path, **changes) -> dict:
                           "eval_every": 0, "eval_bytes": 512, "eval_batch_size": 4, "save_every": 100, "keep_last": 1,
                           "device": "cpu"}},
         "eval_bytes": 1024, "decode_contexts": [24, 4096], "decode_batch": 2, "decode_tokens": 4,
-        "calibration_steps": 1,
+        "calibration_steps": 1, "recall": {"lengths": [96, 2048], "depths": [0.5], "samples": 1},
     }
     tier.update(changes)
     return tier
@@ -102,8 +102,14 @@ def test_tiny_arena_trains_scores_and_reports(finished):
     architectures = report["architectures"]
     assert architectures["mod"]["within_tolerance"] and architectures["standard"]["param_delta"] == 0
     assert set(report["verdicts"]) == {"standard", "mod"} and "val" in report["verdicts"]["mod"]
+    # the recall grid from the one recall evaluator: measured where the positions allow
+    for arm in report["arms"]:
+        grid = arm["recall"]
+        assert grid["lengths"] == [96, 2048] and grid["depths"] == [0.5]
+        assert grid["accuracy"][0][0] in (0.0, 1.0) and grid["accuracy"][1] == [None]
     md = (out / "report.md").read_text()
     assert "Partial report" not in md and "| mod |" in md and "not measured: beyond the model's 1024 positions" in md
+    assert "| 96 | " in md and "| 2048 | not measured |" in md
     json.loads((out / "report.json").read_text())
 
 

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -58,6 +57,7 @@ from dynlm.distributed import resolve_device, resolve_dtype
 from dynlm.errors import CheckpointError, ConfigError, DynlmError, OutputExistsError, did_you_mean
 from dynlm.eval.evaluate import evaluate
 from dynlm.eval.flops import device_name, mfu, peak_flops
+from dynlm.eval.recall import recall_grid
 from dynlm.registry import get_architecture, list_architectures
 from dynlm.train.bench import BenchConfig, bench_train, decode_speed, source_commit
 from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
@@ -67,7 +67,6 @@ from dynlm.train.trainer import Trainer, read_metrics
 
 SCHEMA = "dynlm.arena/1"
 BUDGET_KINDS = ("tokens", "flops", "seconds")
-RECALL_MODULE = "dynlm.eval.recall"  # optional: its `arena_recall(model, tokenizer, **tier.recall)`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +117,8 @@ class ArenaTier:
     decode_batch: int = 2  # rows decoded together, each from a different prompt
     decode_tokens: int = 16  # the context is the tokens held in the state after decoding
     calibration_steps: int = 5  # seconds budgets: timed training steps (after 2 untimed) per architecture
-    recall: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the recall evaluator
+    # keyword arguments of `dynlm.eval.recall.recall_grid` (lengths, depths, samples); empty: no recall grid
+    recall: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for budget in self.budgets:
@@ -364,17 +364,6 @@ def measure_decode(model: torch.nn.Module, tokens: np.ndarray, tier: ArenaTier, 
     return rows
 
 
-def _recall_evaluator() -> Callable[..., dict[str, Any]] | None:
-    """The recall grid evaluator when the installed dynlm has one (`dynlm.eval.recall.arena_recall`)."""
-    try:
-        module = importlib.import_module(RECALL_MODULE)
-    except ModuleNotFoundError as e:
-        if e.name != RECALL_MODULE:
-            raise
-        return None
-    return getattr(module, "arena_recall", None)
-
-
 def _score(model: torch.nn.Module, tokenizer: Any, splits: dict[str, Any], tier: ArenaTier, seq_len: int,
            dtype: torch.dtype) -> dict[str, Any]:
     """Bits per byte on each split; routed models with the causal router, and on the first split
@@ -466,9 +455,8 @@ def run_arm(arm: Arm, settings: Settings, tier: ArenaTier, info: ArchInfo, out_d
         result["routing"] = _routing(model, splits, seq_len, info.capacity)
     if measure_extras:  # speed and recall do not depend on the seed: measured once per architecture
         result["decode"] = measure_decode(model, splits["train"].tokens, tier, device, dtype)
-        recall = _recall_evaluator()
-        if recall is not None:
-            result["recall"] = recall(model, tokenizer, **tier.recall)
+        if tier.recall:  # needles planted in the validation split's text
+            result["recall"] = recall_grid(model, tokenizer, splits["val"].texts(), **tier.recall)
     result["eval_seconds"] = time.perf_counter() - t0 - wall
     result["eval_cpu_seconds"] = time.process_time() - c0 - cpu
     return result
@@ -712,7 +700,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["## Recall", "", report["recall_note"], ""]
     recall = [(a["arch"], a["recall"]) for a in report["arms"] if a.get("recall")]
     for arch, grid in recall:
-        lines += [f"{arch}: `{json.dumps(grid, default=str)[:2000]}`", ""]
+        depths = grid["depths"]
+        lines += [f"{arch} (exact match of the greedy continuation, {grid['samples']} needles per cell; "
+                  "without the needle in brackets):", "",
+                  "| length | " + " | ".join(f"depth {d:g}" for d in depths) + " |",
+                  "|---|" + "---|" * len(depths)]
+        for length, row, base in zip(grid["lengths"], grid["accuracy"], grid["baseline_no_needle"] or
+                                     [[None] * len(depths)] * len(grid["lengths"])):
+            cells = ["not measured" if a is None else f"{a:.2f}" + ("" if b is None else f" ({b:.2f})")
+                     for a, b in zip(row, base)]
+            lines.append(f"| {length} | " + " | ".join(cells) + " |")
+        lines.append("")
     if report["verdicts"]:
         lines += ["## Verdicts", ""]
         for arch, text in report["verdicts"].items():
@@ -826,8 +824,9 @@ def build_report(state: ArenaState, status: str, plots: list[str] | None = None)
                                "within_tolerance": delta is None or abs(delta) <= tier.param_tolerance}
     arms = [state.results[a.id] for a in state.arms if a.id in state.results]
     summary = summarize_arms(arms)
-    recall_note = ("Recall grid from `dynlm.eval.recall` (one arm per architecture)." if _recall_evaluator() else
-                   "No recall evaluator is installed in this dynlm (`dynlm.eval.recall`): no recall grid.")
+    recall_note = ("Needle recall from `dynlm.eval.recall` on the validation split's text (one arm per "
+                   "architecture; lengths in each model's tokens)." if tier.recall else
+                   "This tier asks for no recall grid (`recall:` in the tier YAML).")
     data = state.run.data
     return {
         "schema": SCHEMA, "tier": state.name, "tier_config": dataclasses.asdict(tier),
