@@ -18,9 +18,7 @@ Paths are relative to the registry file. Routers:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import numpy as np
 import yaml
 
 from dynlm.errors import ConfigError, did_you_mean
+from dynlm.fileio import atomic_write_text
 from dynlm.memory.embeddings import Encoder, MiniLMEncoder
 
 ROUTER_METHODS = ("rules", "learned", "hybrid")
@@ -125,10 +124,7 @@ class Registry:
             entry = {k: v for k, v in asdict(spec).items() if k != "name" and v not in ("", [])}
             data["experts"][spec.name] = entry
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-        os.replace(tmp, file)
+        atomic_write_text(file, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return file
 
 

@@ -58,6 +58,7 @@ from dynlm.errors import CheckpointError, ConfigError, DynlmError, OutputExistsE
 from dynlm.eval.evaluate import evaluate
 from dynlm.eval.flops import device_name, mfu, peak_flops
 from dynlm.eval.recall import recall_grid
+from dynlm.fileio import atomic_write_text
 from dynlm.registry import get_architecture, list_architectures
 from dynlm.train.bench import BenchConfig, bench_train, decode_speed, source_commit
 from dynlm.train.config import RunConfig, load_run_config, resolve_model_config
@@ -785,9 +786,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -36,6 +35,7 @@ from dynlm import distributed
 from dynlm.distributed import DistContext
 from dynlm.errors import CheckpointError, DynlmError, Terminated
 from dynlm.eval.evaluate import encode_documents, score_documents, summarize, text_spans
+from dynlm.fileio import atomic_write_text
 from dynlm.train.checkpointing import (
     TRAINING_INFO_FILE,
     capture_rng_state,
@@ -201,9 +201,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
