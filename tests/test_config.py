@@ -59,3 +59,15 @@ def test_overrides_parse_yaml_values():
         "model": {"num_layers": 8}, "train": {"lr": 1e-3}, "x": {"flag": True}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["model.num_layers"])
+
+
+def test_run_name_names_the_architecture_chosen_by_an_override():
+    """`dynlm train quick model.type=thl` writes runs/quick-thl (the docs' path), so runs of several
+    architectures from one preset do not meet each other's folder; an explicit run_name wins."""
+    from dynlm.train.config import load_run_config
+
+    assert load_run_config("quick").run_name == "quick"
+    assert load_run_config("quick", ["model.type=standard"]).run_name == "quick"
+    assert load_run_config("quick", ["model.type=mod"]).run_name == "quick-mod"
+    assert load_run_config("quick", ["model.type=thl"]).run_name == "quick-thl"
+    assert load_run_config("quick", ["model.type=thl", "run_name=mine"]).run_name == "mine"

@@ -223,7 +223,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mode: str = "custom"  # quick | scratch | transfer | custom (informational)
     out_dir: str = "runs"
-    run_name: str | None = None  # default: the preset or file name, made unique
+    run_name: str | None = None  # default: the preset or file name, plus '-<type>' for a model.type override
     init_from: str | None = None  # transfer: a checkpoint directory (dynlm or Hugging Face) or a .gguf file
 
     def to_dict(self, model: ModelConfig | None = None) -> dict[str, Any]:
@@ -361,6 +361,9 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig | None = Non
             setattr(run, key, value)
     if run.run_name is None:
         run.run_name = default_name or run.mode
+        chosen_type = (override_dict.get("model") or {}).get("type")
+        if chosen_type and chosen_type != "standard":  # `dynlm train quick model.type=thl` -> runs/quick-thl
+            run.run_name = f"{run.run_name}-{chosen_type}"
     if run.run_name in ("", ".", "..") or "/" in run.run_name:
         raise ConfigError(f"bad value for 'run_name': '{run.run_name}'", "a plain folder name")
     for stage in run.data.curriculum:  # a misspelt stage corpus fails now, before any folder is made
