@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dynlm.config import ModelConfig
     from dynlm.models.base import DynModel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["build_model", "load_pretrained", "load_tokenizer", "generate", "list_architectures",
            "list_presets", "DynlmError", "ConfigError", "CheckpointError", "DataError", "__version__"]
