@@ -4,9 +4,11 @@ parameters and optimizer state) the same, resume included."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -66,3 +68,26 @@ def test_two_process_fsdp_matches_single_process_and_resumes(tmp_path, corpus_di
     # full (unsharded) weights in the checkpoints: they load in one process
     model = dynlm.load_pretrained(fsdp / "last")
     assert model.config.hidden_size == 32
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_smoke_matches_one_process(tmp_path):
+    """benchmarks/gpu_distributed.py --smoke launches torchrun itself (gloo, 2 CPU processes) and
+    reports DDP and FSDP2 (a tied-embedding qwen2 shape) losses equal to 1 process at the same
+    global batch, with the scaling figures and the loss plot."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_distributed.py"
+    runs = "gpt2-small-like:single,gpt2-small-like:ddp,0.5b:single,0.5b:fsdp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--runs", runs, "--out", str(tmp_path / "out"),
+                             "--work", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_distributed.json").read_text())
+    assert [r.get("error") for r in report["runs"]] == [None] * 4
+    assert [len(r["losses"]) for r in report["runs"]] == [6] * 4
+    for model, strategy in (("gpt2-small-like", "ddp"), ("0.5b", "fsdp")):
+        entry = report["summary"][model][strategy]
+        assert entry["max_abs_loss_delta"] < 1e-4, (model, strategy, entry)
+        assert entry["scaling_efficiency"] > 0
+    assert (tmp_path / "out" / "gpu_distributed.md").is_file()
+    assert (tmp_path / "out" / "gpu_distributed_loss.png").is_file()
+    assert not (tmp_path / "work" / "runs" / "gpt2-small-like-ddp").exists()  # checkpoints are not kept
