@@ -110,7 +110,7 @@ def run_config(model: str, strategy: str, args: argparse.Namespace, work: Path) 
     steps = args.steps[model]
     return {
         "model": dict(models[model]),
-        "data": {"corpus": "python-stdlib", "tokenizer": "bytes", "seq_len": args.seq_len,
+        "data": {"corpus": args.corpus, "tokenizer": "bytes", "seq_len": args.seq_len,
                  "cache_dir": str(work / "cache")},
         "train": {"max_steps": steps, "batch_size": args.batch[model], "lr": LEARNING_RATES[model],
                   "min_lr": LEARNING_RATES[model] / 10, "warmup_steps": max(1, steps // 6), "log_every": 1,
@@ -259,7 +259,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"backend {report['backend']}, NCCL_NVLS_ENABLE=0, commit {report['commit']}, {report['time']}. "
              f"Each run is `dynlm.train.train` under torchrun; torch.compile {'on' if report['compile'] else 'off'}; "
              f"dtype {report['dtype']}; seq {report['seq_len']}; random initial weights (seed {report['seed']}); "
-             "data: python-stdlib as bytes, the same global batches in every run of a model. tokens/s over the "
+             f"data: {report['corpus']} as bytes, the same global batches in every run of a model. tokens/s over the "
              f"steps after the first {report['warmup']} (each step's loss is read back, as with log_every=1).", "",
              "| model | run | processes | global batch | steps | tokens/s | step ms | peak memory per process (GiB) "
              "| final loss | wall s |",
@@ -298,6 +298,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def nccl_version() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "n/a"
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def parse_per_model(text: str, what: str) -> dict[str, int]:
     """"60" (every model) or "gpt2-small-like=60,0.5b=40"."""
     if "=" not in text:
@@ -316,11 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(f"{m}:{s}" for m, s, _ in RUNS),
                         help="MODEL:STRATEGY list (default: all five)")
     parser.add_argument("--steps", default="gpt2-small-like=60,0.5b=40", help="optimizer steps per run, per model")
-    parser.add_argument("--batch", default="32", help="global batch (sequences), per model")
+    parser.add_argument("--batch", default="gpt2-small-like=32,0.5b=16",
+                        help="global batch (sequences) per model; one GPU must hold it (no fused loss)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of tokens/s")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step (~1 min more per process)")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--corpus", default="python-stdlib",
+                        help="training data (a corpus name, file or folder), read as bytes")
     parser.add_argument("--run-timeout", type=float, default=150.0, help="seconds one torchrun run may take")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for all runs; later runs are skipped")
     parser.add_argument("--commit", default=None, help="git commit of the source (when the copy has no .git)")
@@ -362,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "title": "Two GPUs: DDP and FSDP2 against one GPU" if not args.smoke else "gpu_distributed smoke run (CPU)",
         "device": device_name, "gpus": 2 if not args.smoke else 0, "torch": torch.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a",
+        "nccl": nccl_version(),
         "backend": "nccl" if not args.smoke else "gloo", "commit": commit,
         "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compile": args.compile,
         "dtype": "bfloat16 autocast" if not args.smoke else "float32", "seq_len": args.seq_len,
-        "warmup": args.warmup, "seed": args.seed, "runs": [], "summary": {},
+        "warmup": args.warmup, "seed": args.seed, "corpus": args.corpus, "runs": [], "summary": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_distributed_"))
