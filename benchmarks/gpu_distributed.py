@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (model key, strategy, processes); strategy "single" is one process
 RUNS = [("gpt2-small-like", "single", 1), ("gpt2-small-like", "ddp", 2), ("gpt2-small-like", "fsdp", 2),
         ("0.5b", "single", 1), ("0.5b", "fsdp", 2)]
+OPTIONAL_RUNS = [("0.5b", "ddp", 2)]  # with --runs
 
 MODELS = {  # model section of the run config; vocab_size is the preset's (bytes are a subset)
     "gpt2-small-like": {"preset": "gpt2-small-like", "vocab_size": 50304},
@@ -254,8 +255,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str | None:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
+    machine = f"{report['device']} x {report['gpus']}" if report["gpus"] else f"{report['device']}, 2 processes"
     lines = [f"# {report['title']}", "",
-             f"{report['device']} x {report['gpus']}, torch {report['torch']}, NCCL {report['nccl']}, "
+             f"{machine}, torch {report['torch']}, NCCL {report['nccl']}, "
              f"backend {report['backend']}, NCCL_NVLS_ENABLE=0, commit {report['commit']}, {report['time']}. "
              f"Each run is `dynlm.train.train` under torchrun; torch.compile {'on' if report['compile'] else 'off'}; "
              f"dtype {report['dtype']}; seq {report['seq_len']}; random initial weights (seed {report['seed']}); "
@@ -357,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = []
     for item in args.runs.split(","):
         model, _, strategy = item.partition(":")
-        match = [r for r in RUNS if r[0] == model and r[1] == strategy]
+        match = [r for r in RUNS + OPTIONAL_RUNS if r[0] == model and r[1] == strategy]
         if not match:
-            parser.error(f"--runs: unknown run '{item}'; valid: " + ", ".join(f"{m}:{s}" for m, s, _ in RUNS))
+            parser.error(f"--runs: unknown run '{item}'; valid: "
+                         + ", ".join(f"{m}:{s}" for m, s, _ in RUNS + OPTIONAL_RUNS))
         wanted += match
     for model, _, nproc in wanted:
         if args.steps[model] is None or args.batch[model] is None:
