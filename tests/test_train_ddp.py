@@ -91,3 +91,23 @@ def test_distributed_benchmark_smoke_matches_one_process(tmp_path):
     assert (tmp_path / "out" / "gpu_distributed.md").is_file()
     assert (tmp_path / "out" / "gpu_distributed_loss.png").is_file()
     assert not (tmp_path / "work" / "runs" / "gpt2-small-like-ddp").exists()  # checkpoints are not kept
+
+
+def test_distributed_benchmark_figures():
+    """The benchmark's arithmetic: warm-up steps left out of tokens/s; efficiency against twice one
+    process; the loss delta taken step by step."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_distributed.py"
+    spec = importlib.util.spec_from_file_location("gpu_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    steps = [{"step": 1, "loss": 3.0, "seconds": 9.0}, {"step": 2, "loss": 2.0, "seconds": 1.0},
+             {"step": 3, "loss": 1.0, "seconds": 1.0}]
+    single = bench.measure({"steps": steps, "peak_bytes": [None]}, warmup=1, tokens_per_step=100)
+    assert single["tokens_per_s"] == pytest.approx(100.0) and single["timed_steps"] == 2
+    runs = [{"model": "m", "strategy": "single", "processes": 1, **single},
+            {"model": "m", "strategy": "ddp", "processes": 2, "tokens_per_s": 180.0, "losses": [3.0, 2.1, 0.95]}]
+    summary = bench.summarize(runs)["m"]["ddp"]
+    assert summary["scaling_efficiency"] == pytest.approx(0.9)
+    assert summary["max_abs_loss_delta"] == pytest.approx(0.1)
