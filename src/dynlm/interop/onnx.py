@@ -158,13 +158,14 @@ def _export_step(step: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[s
 def export_onnx(model: DynModel, path: str | Path, force: bool = False, opset: int = 17,
                 max_context: int = DEFAULT_MAX_CONTEXT) -> Path:
     """Write the decode step of `model` to `path` (atomically: a failed export leaves nothing).
-    `max_context`: positions of a transformer's static KV cache (unused for THL). `model` is left
-    as it was (mode, dtype)."""
+    `max_context`: positions of a transformer's static KV cache (unused for THL). The step is
+    traced in fp32 on the CPU (a copy when `model` is elsewhere); `model` is left as it was."""
     path = Path(path)
     _check_exportable(model, max_context)
     _check_output(path, force)
     was_training = model.training
-    exported = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
+    as_is = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    exported = model if as_is else copy.deepcopy(model).float().cpu()  # traced in fp32 on the CPU
     exported.eval()
     batch = {0: "batch"}
     metadata = {"dynlm.architecture": model.architecture}
