@@ -115,6 +115,15 @@ def test_failed_export_leaves_nothing_and_the_model_unchanged(tmp_path: Path, mo
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_model_past_the_protobuf_limit_is_a_clear_error(tmp_path: Path, monkeypatch):
+    import dynlm.interop.onnx as exporter
+
+    monkeypatch.setattr(exporter, "PROTOBUF_LIMIT", 1000)
+    with pytest.raises(ExportError, match="fp32 weights to one ONNX file: the format's limit is 0.00 GB"):
+        export_onnx(dynlm.build_model("standard-tiny", vocab_size=97), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

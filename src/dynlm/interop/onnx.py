@@ -43,6 +43,7 @@ from dynlm.nn.cache import StaticLayerKVCache
 
 STATE_NAMES = ["tiers", "memory", "read_ema", "write_ema", "last_read", "last_write", "fifo", "position"]
 DEFAULT_MAX_CONTEXT = 256
+PROTOBUF_LIMIT = 2**31  # bytes: one ONNX file (a protobuf) holds at most 2 GB, weights included
 
 # Architectures whose decode step has no static-shape graph, and why (one line each).
 UNEXPORTABLE = {
@@ -113,6 +114,10 @@ class KVDecodeStep(nn.Module):
 
 def _check_exportable(model: DynModel, max_context: int) -> None:
     arch = model.architecture
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())  # traced in fp32
+    if weight_bytes >= PROTOBUF_LIMIT:
+        raise ExportError(f"cannot export {weight_bytes / 1e9:.2f} GB of fp32 weights to one ONNX file: "
+                          f"the format's limit is {PROTOBUF_LIMIT / 1e9:.2f} GB")
     if arch in UNEXPORTABLE:
         raise ExportError(f"cannot export architecture '{arch}' to ONNX: {UNEXPORTABLE[arch]}",
                           "exportable: standard, mod, thl")
