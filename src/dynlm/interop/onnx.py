@@ -92,11 +92,8 @@ class KVDecodeStep(nn.Module):
         c = self.model.config
         state: list[torch.Tensor] = [torch.zeros((), dtype=torch.long)]
         for i, window in enumerate(self.windows):
-            slots = min(window, self.max_context) if window is not None else self.max_context
-            shape = (batch_size, c.num_kv_heads, slots, c.head_dim)
-            state += [torch.zeros(shape), torch.zeros(shape)]
-            if i in self.routed:
-                state.append(torch.ones(batch_size, slots, dtype=torch.bool))
+            cache = StaticLayerKVCache(batch_size, c.num_kv_heads, c.head_dim, self.max_context, window)
+            state += [cache.k, cache.v] + ([cache.valid] if i in self.routed else [])
         return state
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
