@@ -78,6 +78,23 @@ def test_static_cache_key_valid_and_reset():
     assert cache.k.data_ptr() == address
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_static_cache_from_tensors_equals_the_static_cache(window):
+    """A cache rebuilt at every step from its tensors and cursor (the functional decode step that
+    the ONNX export traces) knows which position each slot holds, ring included."""
+    attn, x, cos, sin = _attention_and_input(window)
+    length = x.shape[1]
+    reference = StaticLayerKVCache(2, 2, 8, capacity=length, window=window)
+    k, v, cursor = torch.zeros_like(reference.k), torch.zeros_like(reference.v), torch.zeros((), dtype=torch.long)
+    for i in range(length):
+        step = StaticLayerKVCache.from_tensors(k, v, cursor, capacity=length)
+        torch.testing.assert_close(step.slot_positions, reference.slot_positions)
+        out = attn(x[:, i:i + 1], cos[i:i + 1], sin[i:i + 1], step)
+        torch.testing.assert_close(out, attn(x[:, i:i + 1], cos[i:i + 1], sin[i:i + 1], reference), atol=1e-5,
+                                   rtol=1e-4)
+    assert int(cursor) == length
+
+
 def test_static_cache_refuses_positions_past_its_length():
     attn, x, cos, sin = _attention_and_input(None)
     cache = StaticLayerKVCache(2, 2, 8, capacity=4)

@@ -40,6 +40,8 @@ LAZY_THIRD_PARTY = {
     "transformers": "optional (the hf extra)",
     "sentencepiece": "optional (the hf extra)",
     "matplotlib": "optional (the plot extra): loss curves and analysis plots",
+    "onnx": "optional (the onnx extra): to write ONNX files",
+    "onnxruntime": "optional (the onnx extra): `OnnxDecoder`",
     "jinja2": "chat templates, rendered only when a template is used",
     "torch": "kept out of the NumPy-only code paths and of `dynlm --help`",
     "numpy": "kept out of `dynlm --help`",

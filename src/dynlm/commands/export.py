@@ -1,4 +1,6 @@
-"""`dynlm export onnx CKPT OUT.onnx`: the decode step of a recurrent model (state in, state out)."""
+"""`dynlm export onnx CKPT OUT.onnx`: a model's decode step (token and state in, logits and state
+out): THL's recurrent state, or a standard / MoD transformer's static KV cache of
+`--max-context` positions."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     onnx.add_argument("output", type=Path, help="output .onnx file")
     onnx.add_argument("--force", action="store_true", help="overwrite an existing output file")
     onnx.add_argument("--opset", type=int, default=17)
+    onnx.add_argument("--max-context", type=int,
+                      help="positions of a transformer's KV cache in the exported step (default: 256)")
     p.set_defaults(handler=run)
 
 
@@ -22,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from dynlm.interop.onnx import export_onnx
 
     model = dynlm.load_pretrained(args.checkpoint)
-    path = export_onnx(model, args.output, force=args.force, opset=args.opset)
+    context = {} if args.max_context is None else {"max_context": args.max_context}
+    path = export_onnx(model, args.output, force=args.force, opset=args.opset, **context)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -179,6 +179,27 @@ class StaticLayerKVCache:
         self.length = 0  # host copy of `cursor`; a graph replay leaves it to the caller
         self.masked = False  # True once some key was marked invalid (routed layers)
 
+    @classmethod
+    def from_tensors(cls, k: torch.Tensor, v: torch.Tensor, cursor: torch.Tensor, valid: torch.Tensor | None = None,
+                     capacity: int | None = None) -> StaticLayerKVCache:
+        """A cache over given buffers, updated in place: k, v [B, Hkv, slots, D], `cursor` (a 0-d
+        int64 tensor, the next position), `valid` [B, slots] or None. Which position each slot
+        holds is computed from `cursor` (slot s: the latest position p <= cursor - 1 with
+        p = s mod slots, or empty), so a functional decode step (the ONNX export) carries only
+        these tensors. A ring (sliding window) when `capacity` exceeds the slots."""
+        cache = cls.__new__(cls)
+        slots = k.shape[2]
+        cache.ring = capacity is not None and capacity > slots
+        cache.max_length = capacity if cache.ring else slots
+        cache.k, cache.v, cache.cursor = k, v, cursor
+        cache.masked = valid is not None
+        cache.valid = valid if valid is not None else torch.ones(k.shape[0], slots, dtype=torch.bool, device=k.device)
+        last = cursor - 1
+        position = last - torch.remainder(last - torch.arange(slots, device=k.device), slots)  # [slots]
+        cache.slot_positions = torch.where(position >= 0, position, torch.full_like(position, EMPTY_SLOT))
+        cache.length = 0  # host counter unknown (a traced cursor): no host-side length check
+        return cache
+
     @property
     def capacity(self) -> int:
         return self.max_length
