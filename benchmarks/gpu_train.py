@@ -106,7 +106,9 @@ def use_liger(model: torch.nn.Module) -> None:
     from dynlm.nn import RMSNorm, SwiGLU
 
     def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return liger_fused_linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, ignore_index=-100)
+        # fp32 hidden states and weight under bf16 autocast: Liger's mixed-precision path (matmuls in
+        # the autocast dtype, the weight gradient accumulated in fp32)
+        return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
 
     def rms_forward(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         # casting mode "llama": normalise in fp32, cast back, then scale: our RMSNorm's arithmetic
