@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per variant at the first batch")
-    parser.add_argument("--time-limit", type=float, default=420.0,
+    parser.add_argument("--time-limit", type=float, default=200.0,
                         help="seconds; variants not started by then are recorded as skipped")
     parser.add_argument("--commit", help="git commit of the tree measured (when the copy has no .git)")
     args = parser.parse_args(argv)
