@@ -105,8 +105,8 @@ class TransformerLM(DynModel):
         if state is not None:
             state.position += t
         if labels is not None and self.fused_loss and torch.is_grad_enabled():
-            logits, loss = None, fused_causal_lm_loss(h, self.lm_head.weight, labels,
-                                                               self.fused_loss_kernel)
+            logits = None
+            loss = fused_causal_lm_loss(h, self.lm_head.weight, labels, self.fused_loss_kernel)
         else:
             logits = self.lm_head(h)  # [B, T, V]
             loss = causal_lm_loss(logits, labels) if labels is not None else None
