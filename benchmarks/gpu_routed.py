@@ -1,25 +1,34 @@
 """Standard vs MoD vs DTF at equal size (the gpt2-small-like body), measured in one run.
 
     # once, on a machine that can fetch the corpus: the byte-tokenized Shakespeare shards
-    python benchmarks/gpu_routed.py --export-data runs/bench-data/shakespeare-bytes
-    # on the GPU (bf16 autocast); writes gpu_routed.json and gpu_routed.md into OUT_DIR
-    python benchmarks/gpu_routed.py OUT_DIR --data runs/bench-data/shakespeare-bytes
+    python benchmarks/gpu_routed.py --export-data .gpu/trainspeed/shakespeare-bytes
+    # on the GPU (bf16 autocast); writes gpu_routed.json and gpu_routed.md into --out
+    python benchmarks/gpu_routed.py --out OUT --data .gpu/trainspeed/shakespeare-bytes
     # CPU check of the whole script in a minute, tiny shapes
-    python benchmarks/gpu_routed.py /tmp/smoke --smoke
+    python benchmarks/gpu_routed.py --out /tmp/smoke --smoke
 
 Sections:
-1. speed at the preset's 50k vocabulary, seq 1024: training step (forward + backward + AdamW),
-   forward-only in both routing modes, FLOPs per token as credited to each model, and a per-layer
-   fwd+bwd time breakdown that says where the time goes;
-2. training on Shakespeare (bytes, so the body dominates): the same batches for every model,
-   equal steps and equal training FLOPs; validation bits per byte with top-k routing and with the
-   causal router (what generation runs), the causal router's agreement with top-k;
-3. decoding (greedy, KV cache, causal router) with the trained models: tokens/s at batch 1 and 8,
-   and the share of decoded tokens each routed layer processed.
+1. speed at the preset's 50k vocabulary, seq 1024: the trainer's training step
+   (`dynlm.train.trainer.TrainStep`: forward + backward + clipping + fused AdamW), the model
+   compiled as the trainer compiles it (`--no-compile` for eager; top-k routing has static k, so
+   a routed model compiles to one graph), optionally with the chunked loss (`--fused-loss`);
+   step time relative to dense, peak memory, forward-only in both routing modes (eager), FLOPs
+   per token as credited to each model, and a per-layer fwd+bwd time breakdown (eager);
+2. training on Shakespeare (bytes, so the body dominates) at EQUAL TRAINING FLOPs: the dense
+   model trains `--steps` steps, every other arm as many steps as give the same FLOPs (its FLOPs
+   per token are lower); the same batch windows for every arm, one or more seeds; each arm's
+   steps, training FLOPs and wall time are reported with its validation bits per byte under
+   top-k routing and under the causal router (what generation runs), and the causal router's
+   agreement with top-k (`--equal-steps` adds arms at the dense model's step count);
+3. (`--decode`) decoding (greedy, KV cache, causal router) with the trained models: tokens/s at
+   batch 1 and 8, and the share of decoded tokens each routed layer processed.
 
 Variants: standard; mod (every other layer routed, capacity 0.125); dtf (decision/dynamic pairs,
 capacity 0.125); mod-all (every layer but the first routed: the pattern that trades the most
 quality for speed). Each variant is the same body; routed ones add a router / prior per layer.
+The script stops starting speed variants after `--speed-time-limit` seconds and training arms
+after `--time-limit` seconds (from its start), and records what it skipped; results are written
+after every part.
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from dynlm.data.tokenizers import load_tokenizer
 from dynlm.eval.evaluate import evaluate
 from dynlm.models.base import causal_lm_loss
 from dynlm.train.bench import source_commit
-from dynlm.train.optim import parameter_groups
+from dynlm.train.optim import parameter_groups, set_learning_rate
+from dynlm.train.trainer import TrainStep
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s by datasheet (H100 SXM)
 
@@ -102,15 +112,19 @@ class Bench:
         return torch.optim.AdamW(parameter_groups(model, 0.1), lr=lr, betas=(0.9, 0.95),
                                  fused=self.device.type == "cuda" or None)
 
-    def train_step(self, model, optimizer, x: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            out = model(x, labels=x)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
+    def trainer_step(self, model, optimizer, compile_model: bool) -> TrainStep:
+        """The trainer's own step (clipping at 1.0, device-side NaN guard, fused AdamW), the model
+        compiled as the trainer compiles it."""
+        runner = torch.compile(model) if compile_model else model
+        return TrainStep(runner, model, optimizer, self.device, self.dtype, clip=1.0)
+
+    def peak_memory(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+    def reset_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,17 +178,26 @@ def time_units(bench: Bench, model, batch: int, seq: int) -> dict[str, float]:
     return out
 
 
-def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool) -> dict[str, Any]:
+def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool, fused_loss: bool) -> dict[str, Any]:
     batch, seq = x.shape
-    runner = torch.compile(model) if compile_model else model
+    model.fused_loss = fused_loss
     optimizer = bench.optimizer(model, 1e-4)
     model.train()
-    step_ms = bench.time_ms(lambda: bench.train_step(runner, optimizer, x))
-    with torch.no_grad():
+    step = bench.trainer_step(model, optimizer, compile_model)
+    t0 = time.perf_counter()
+    step([x])  # compiles when compiled
+    bench.sync()
+    first_step_s = time.perf_counter() - t0
+    bench.reset_memory()
+    step_ms = bench.time_ms(lambda: step([x]))
+    peak = bench.peak_memory()
+    step = optimizer = None
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), bench.autocast():  # eager: switching a compiled model's mode would recompile it
         model.train()  # top-k routing, static shapes: the compute a routed model saves
-        fwd_topk_ms = bench.time_ms(lambda: runner(x))
+        fwd_topk_ms = bench.time_ms(lambda: model(x))
         model.eval()  # causal router over a whole sequence: every token computed, skipped ones masked
-        fwd_causal_ms = bench.time_ms(lambda: runner(x))
+        fwd_causal_ms = bench.time_ms(lambda: model(x))
     flops = model.flops_per_token(seq)
     fractions = model.processed_fractions(seq) if hasattr(model, "processed_fractions") else None
     return {
@@ -182,6 +205,8 @@ def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool) -> 
         "flops_per_token": flops,
         "processed_fractions": fractions or [1.0] * model.config.num_layers,
         "train_step_ms": step_ms,
+        "first_step_seconds": first_step_s,
+        "train_peak_memory_bytes": peak,
         "train_tokens_per_s": batch * seq / step_ms * 1e3,
         "model_tflops_per_s": flops * batch * seq / step_ms / 1e9,
         "mfu_vs_h100_datasheet": flops * batch * seq / (step_ms / 1e3) / H100_BF16_PEAK,
@@ -192,19 +217,34 @@ def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool) -> 
 
 
 def speed_section(bench: Bench, body: dict[str, Any], names: list[str], batch: int, seq: int,
-                  compile_model: bool) -> dict[str, Any]:
+                  compile_model: bool, fused_loss: bool, out_of_time: Callable[[], bool],
+                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     x = torch.randint(0, body["vocab_size"], (batch, seq), device=bench.device)
     results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     for name in names:
-        results[name] = measure_speed(bench, bench.build(body, variants(body["num_layers"])[name]), x, compile_model)
+        if out_of_time():
+            skipped[name] = "skipped: past --speed-time-limit"
+            continue
+        print(f"  speed {name} ...", flush=True)
+        try:
+            model = bench.build(body, variants(body["num_layers"])[name])
+            results[name] = measure_speed(bench, model, x, compile_model, fused_loss)
+        except Exception as error:  # noqa: BLE001 - one variant's failure is recorded, the run goes on
+            skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        model = None
+        torch._dynamo.reset()
         if bench.device.type == "cuda":
             torch.cuda.empty_cache()
+        save({**results, **({"skipped": skipped} if skipped else {})})
+    if "standard" not in results:
+        return {**results, "skipped": skipped}
     dense = results["standard"]
     for r in results.values():
         r["step_time_ratio"] = r["train_step_ms"] / dense["train_step_ms"]
         r["flops_ratio"] = r["flops_per_token"] / dense["flops_per_token"]
         r["forward_topk_ratio"] = r["forward_topk_ms"] / dense["forward_topk_ms"]
-    return results
+    return {**results, **({"skipped": skipped} if skipped else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +265,10 @@ def batch_starts(num_tokens: int, seq: int, batch: int, steps: int, seed: int) -
 
 
 def train_model(bench: Bench, model, train_tokens: torch.Tensor, starts: np.ndarray, seq: int, lr: float,
-                log_every: int) -> dict[str, Any]:
+                log_every: int, compile_model: bool) -> dict[str, Any]:
+    """`len(starts)` steps of the trainer's step on the given windows, cosine schedule."""
     optimizer = bench.optimizer(model, lr)
+    step_fn = bench.trainer_step(model, optimizer, compile_model)
     offsets = torch.arange(seq, device=bench.device)
     steps = len(starts)
     curve, metrics = [], {}
@@ -234,17 +276,9 @@ def train_model(bench: Bench, model, train_tokens: torch.Tensor, starts: np.ndar
     bench.sync()
     t0 = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 10))
+        set_learning_rate(optimizer, cosine_lr(step, steps, lr, max(1, steps // 10)))
         index = torch.as_tensor(starts[step], device=bench.device)[:, None] + offsets  # [B, T]
-        x = train_tokens[index]
-        with bench.autocast():
-            out = model(x, labels=x)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = step_fn([train_tokens[index]])
         if step % log_every == 0 or step == steps - 1:
             curve.append([step, out.loss.item()])
             metrics = out.metrics
@@ -322,39 +356,61 @@ def export_data(target: Path) -> None:
     print(f"copied {source} -> {target}")
 
 
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env, cfg = report["environment"], report["config"]
     lines = [f"# Standard vs MoD vs DTF: {env['device']}", "",
-             f"torch {env['torch']}, {cfg['dtype']}, body `{cfg['body_preset']}`, seq {cfg['seq']}, "
-             f"batch {cfg['batch']}, compile={cfg['compile']}. Produced by `benchmarks/gpu_routed.py`.", "",
-             f"## Speed (vocab {cfg['speed_vocab']})", "",
-             "| model | params | FLOPs/token | FLOPs ratio | train step ms | ratio | tokens/s | MFU | "
-             "fwd top-k ms | fwd causal ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in report["speed"].items():
-        lines.append(f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['flops_per_token'] / 1e9:.3f} G | "
-                     f"{r['flops_ratio']:.3f} | {r['train_step_ms']:.1f} | {r['step_time_ratio']:.3f} | "
-                     f"{r['train_tokens_per_s']:,.0f} | {r['mfu_vs_h100_datasheet']:.1%} | "
-                     f"{r['forward_topk_ms']:.1f} | {r['forward_causal_ms']:.1f} |")
-    lines += ["", "Per-piece forward+backward time (ms), the same batch:", ""]
-    for name, r in report["speed"].items():
-        pieces = ", ".join(f"{k}: {v:.2f}" for k, v in r["layer_fwd_bwd_ms"].items())
-        lines.append(f"- **{name}**: {pieces}")
+             f"torch {env['torch']}, commit `{env['commit']}`, {cfg['dtype']}, body `{cfg['body_preset']}`, "
+             f"seq {cfg['seq']}, batch {cfg['batch']}, compile={cfg['compile']}, fused loss={cfg['fused_loss']}. "
+             "Produced by `benchmarks/gpu_routed.py`; training steps are the trainer's `TrainStep`.", ""]
+    speed = {k: v for k, v in report.get("speed", {}).items() if k != "skipped"}
+    if speed:
+        lines += [f"## Speed (vocab {cfg['speed_vocab']})", "",
+                  "| model | params | FLOPs/token | FLOPs ratio | train step ms | step time ratio | tokens/s | MFU | "
+                  "peak memory | first step s | fwd top-k ms | fwd causal ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in speed.items():
+            ratio = f"{r['step_time_ratio']:.3f}" if "step_time_ratio" in r else "-"
+            flops_ratio = f"{r['flops_ratio']:.3f}" if "flops_ratio" in r else "-"
+            lines.append(f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['flops_per_token'] / 1e9:.3f} G | "
+                         f"{flops_ratio} | {r['train_step_ms']:.1f} | {ratio} | "
+                         f"{r['train_tokens_per_s']:,.0f} | {r['mfu_vs_h100_datasheet']:.1%} | "
+                         f"{gib(r['train_peak_memory_bytes'])} | {r['first_step_seconds']:.0f} | "
+                         f"{r['forward_topk_ms']:.1f} | {r['forward_causal_ms']:.1f} |")
+        lines += ["", "MFU = tokens/s x FLOPs/token (each model credited only for the tokens its layers process) "
+                  "/ 989 TFLOP/s. Forward-only times are eager, with the dtype's autocast.", "",
+                  "Per-piece forward+backward time (ms, eager), the same batch:", ""]
+        for name, r in speed.items():
+            pieces = ", ".join(f"{k}: {v:.2f}" for k, v in r["layer_fwd_bwd_ms"].items())
+            lines.append(f"- **{name}**: {pieces}")
+    for name, why in report.get("speed", {}).get("skipped", {}).items():
+        lines.append(f"- speed {name}: {why}")
     train = report.get("training")
     if train:
-        lines += ["", f"## Training on Shakespeare (bytes, vocab {cfg['train_vocab']}): same batches", "",
-                  "| run | steps | train FLOPs (rel.) | ms/step | val bpb causal | val bpb top-k | "
-                  "causal agreement | causal routes |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"## Training on Shakespeare (bytes, vocab {cfg['train_vocab']}): same batch windows, "
+                  f"cosine schedule, lr {cfg['lr']}", "",
+                  "| run | seed | steps | tokens | train FLOPs | FLOPs vs dense | wall s | ms/step | val bpb causal | "
+                  "val bpb top-k | causal agreement | causal routes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in train.items():
+            if "error" in r:
+                lines.append(f"| {name} | {r.get('seed', '')} | {r['error']} |  |  |  |  |  |  |  |  |  |")
+                continue
             agree = r.get("causal_router_agreement")
             frac = r.get("causal_router_fraction_routed")
             causal = r.get("val_bpb_causal", r.get("val_bpb_dense"))
             topk = r.get("val_bpb_topk", r.get("val_bpb_dense"))
-            lines.append(f"| {name} | {r['steps']} | {r['train_flops_relative']:.2f} | {r['ms_per_step']:.1f} | "
+            lines.append(f"| {name} | {r['seed']} | {r['steps']} | {r['tokens']:,} | {r['train_flops']:.3g} | "
+                         f"{r['train_flops_relative']:.2f} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | "
                          f"{causal:.4f} | {topk:.4f} | {'' if agree is None else f'{agree:.3f}'} | "
                          f"{'' if frac is None else f'{frac:.3f}'} |")
+        lines += ["", f"Validation: the first {cfg['val_bytes']:,} bytes of the split."]
     decode = report.get("decode")
     if decode:
-        lines += ["", "## Decoding (greedy, KV cache, causal router; trained equal-steps models)", "",
+        lines += ["", "## Decoding (greedy, KV cache, causal router; the trained models)", "",
                   "| model | batch | tokens/s | share of decoded tokens a routed layer processed |",
                   "|---|---|---|---|"]
         for name, runs in decode.items():
@@ -368,24 +424,37 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", nargs="?", type=Path)
+    parser.add_argument("out_dir", nargs="?", type=Path, help="same as --out")
+    parser.add_argument("--out", type=Path, help="folder for gpu_routed.json and gpu_routed.md")
+    parser.add_argument("--commit", help="git commit of the tree measured (when the copy has no .git)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU in about a minute")
     parser.add_argument("--data", type=Path, help="byte-tokenized Shakespeare shard folder (--export-data)")
     parser.add_argument("--export-data", type=Path, help="write the shard folder here and exit")
-    parser.add_argument("--variants", default="standard,mod,dtf,mod-all")
+    parser.add_argument("--variants", default="standard,mod,mod-all,dtf")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=400, help="training steps of the dense model")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of the dense model")
+    parser.add_argument("--seeds", default="1", help="comma-separated training seeds (model init and batches)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models for the speed section")
+    parser.add_argument("--no-compile", action="store_true", help="eager speed section")
+    parser.add_argument("--compile-training", action="store_true", help="compile the training arms too")
+    parser.add_argument("--fused-loss", action="store_true", help="the chunked LM head + loss in the speed section")
+    parser.add_argument("--equal-steps", action="store_true", help="also train every arm for the dense steps")
+    parser.add_argument("--decode", action="store_true", help="decoding speed of the trained models")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--val-bytes", type=int, default=131072, help="validation bytes scored per model")
+    parser.add_argument("--speed-time-limit", type=float, default=140.0,
+                        help="seconds; speed variants not started by then are recorded as skipped")
+    parser.add_argument("--time-limit", type=float, default=220.0,
+                        help="seconds; training arms not started by then are recorded as skipped")
     args = parser.parse_args(argv)
     if args.export_data:
         export_data(args.export_data)
         return 0
-    if args.out_dir is None:
-        parser.error("give OUT_DIR")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = args.out or args.out_dir
+    if out_dir is None:
+        parser.error("give --out")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("no CUDA device: use --smoke for a CPU check")
     if device.type == "cuda":
@@ -394,30 +463,51 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",")
     if "standard" not in names:
         parser.error("--variants must include standard (the baseline of every ratio)")
+    unknown = [n for n in names if n not in variants(2)]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; valid: {', '.join(variants(2))}")
+    seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
 
+    def out_of_time() -> bool:
+        return time.perf_counter() - start > args.time_limit
+
+    def out_of_speed_time() -> bool:
+        return time.perf_counter() - start > args.speed_time_limit
+
     body = model_config("gpt2-small-like").to_dict()
-    batch, seq, steps = args.batch, args.seq, args.steps
+    batch, seq, steps, val_bytes = args.batch, args.seq, args.steps, args.val_bytes
+    compile_model = not args.no_compile and not args.smoke
     if args.smoke:
         body.update(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4,
                     head_dim=16, intermediate_size=128)
-        batch, seq, steps = 2, 128, 6
+        batch, seq, steps, val_bytes = 2, 128, 6, 4096
     body["max_position_embeddings"] = max(body["max_position_embeddings"], seq)
     report: dict[str, Any] = {
         "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                        "torch": torch.__version__, "python": sys.version.split()[0], "commit": source_commit()},
+                        "torch": torch.__version__, "python": sys.version.split()[0],
+                        "commit": args.commit or source_commit()},
         "config": {"body_preset": "gpt2-small-like" + (" (smoke: shrunk)" if args.smoke else ""), "seq": seq,
-                   "batch": batch, "dtype": str(bench.dtype).replace("torch.", ""), "compile": args.compile,
-                   "speed_vocab": body["vocab_size"], "dense_steps": steps, "lr": args.lr, "variants": names},
+                   "batch": batch, "dtype": str(bench.dtype).replace("torch.", ""), "compile": compile_model,
+                   "compile_training": args.compile_training and compile_model, "fused_loss": args.fused_loss,
+                   "speed_vocab": body["vocab_size"], "dense_steps": steps, "lr": args.lr, "variants": names,
+                   "seeds": seeds, "val_bytes": val_bytes, "speed_time_limit_s": args.speed_time_limit,
+                   "time_limit_s": args.time_limit},
     }
-    def save() -> None:  # after every section, so a later failure keeps what was measured
+
+    def save() -> None:  # after every part, so a later failure keeps what was measured
         report["seconds"] = time.perf_counter() - start
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "gpu_routed.json").write_text(json.dumps(report, indent=2))
-        (args.out_dir / "gpu_routed.md").write_text(markdown(report))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "gpu_routed.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "gpu_routed.md").write_text(markdown(report))
+
+    def save_speed(partial: dict[str, Any]) -> None:
+        report["speed"] = partial
+        save()
 
     print("speed ...", flush=True)
-    report["speed"] = speed_section(bench, body, names, batch, seq, args.compile)
+    report["speed"] = speed_section(bench, body, names, batch, seq, compile_model, args.fused_loss,
+                                    out_of_speed_time, save_speed)
     save()
 
     if not args.skip_training:
@@ -428,29 +518,43 @@ def main(argv: list[str] | None = None) -> int:
         report["config"]["train_vocab"] = tokenizer.vocab_size
         flops = {name: bench.build(train_body, variants(body["num_layers"])[name]).flops_per_token(seq)
                  for name in names}
-        runs = [(name, steps) for name in names]
-        runs += [(f"{name} (equal FLOPs)", round(steps * flops["standard"] / flops[name]))
-                 for name in names if name != "standard"]
+        runs = [(name, round(steps * flops["standard"] / flops[name]), "equal FLOPs") for name in names]
+        if args.equal_steps:
+            runs += [(name, steps, "equal steps") for name in names if name != "standard"]
         training: dict[str, Any] = {}
         decode: dict[str, Any] = {}
-        max_bytes = 4096 if args.smoke else 131072
         prompt_source = np.asarray(splits["val"].tokens[:64], dtype=np.int64)
-        for run_name, run_steps in runs:
-            name = run_name.split(" ")[0]
-            print(f"train {run_name}: {run_steps} steps ...", flush=True)
-            model = bench.build(train_body, variants(body["num_layers"])[name], seed=1)
-            starts = batch_starts(len(train_tokens), seq, batch, run_steps, seed=1234)
-            result = train_model(bench, model, train_tokens, starts, seq, args.lr, max(1, run_steps // 20))
-            result["train_flops_relative"] = run_steps * flops[name] / (steps * flops["standard"])
-            result.update(evaluate_modes(bench, model, tokenizer, splits, seq, max_bytes))
-            training[run_name] = result
-            report["training"] = training
-            if run_name == name:  # decode with the equal-steps models
-                decode[name] = [decode_speed(bench, model, torch.as_tensor(prompt_source, device=device)
-                                             .repeat(b, 1), 8 if args.smoke else 256) for b in (1, 8)]
-                report["decode"] = decode
-            save()
-            del model
+        compile_training = args.compile_training and compile_model
+        for seed in seeds:
+            for name, run_steps, budget in runs:
+                run_name = name if name == "standard" else f"{name} ({budget})"
+                key = run_name if len(seeds) == 1 else f"{run_name} seed {seed}"
+                if out_of_time():
+                    training[key] = {"seed": seed, "error": "skipped: past --time-limit"}
+                    continue
+                print(f"train {key}: {run_steps} steps ...", flush=True)
+                try:
+                    model = bench.build(train_body, variants(body["num_layers"])[name], seed=seed)
+                    starts = batch_starts(len(train_tokens), seq, batch, run_steps, seed=1234 + seed)
+                    result = train_model(bench, model, train_tokens, starts, seq, args.lr, max(1, run_steps // 20),
+                                         compile_training)
+                    result["seed"] = seed
+                    result["tokens"] = run_steps * batch * seq
+                    result["train_flops"] = run_steps * batch * seq * flops[name]
+                    result["train_flops_relative"] = run_steps * flops[name] / (steps * flops["standard"])
+                    result.update(evaluate_modes(bench, model, tokenizer, splits, seq, val_bytes))
+                    training[key] = result
+                    if args.decode and budget == "equal FLOPs" and seed == seeds[0]:
+                        decode[name] = [decode_speed(bench, model, torch.as_tensor(prompt_source, device=device)
+                                                     .repeat(b, 1), 8 if args.smoke else 256) for b in (1, 8)]
+                        report["decode"] = decode
+                except Exception as error:  # noqa: BLE001 - one arm's failure is recorded, the run goes on
+                    first_line = str(error).splitlines()[0][:200] if str(error) else ""
+                    training[key] = {"seed": seed, "error": f"{type(error).__name__}: {first_line}"}
+                report["training"] = training
+                model = None
+                torch._dynamo.reset()
+                save()
 
     save()
     print(markdown(report))

@@ -69,3 +69,24 @@ def test_model_fused_loss_matches_logits_loss(arch):
             assert got is None
         else:
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_model_fused_loss_kernel_receives_the_shifted_targets():
+    """A fused-loss kernel (e.g. Liger's) gets hidden [B*T, C], the head weight and the targets
+    shifted by one with the last position ignored; its value is the model's loss."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).train()
+    x = torch.randint(0, 97, (2, 24))
+    seen = {}
+
+    def kernel(hidden, weight, targets):
+        seen.update(hidden=hidden, weight=weight, targets=targets)
+        return linear_cross_entropy_reference(hidden, weight, targets)
+
+    model.fused_loss, model.fused_loss_kernel = True, kernel
+    out = model(x, labels=x)
+    assert seen["hidden"].shape == (48, model.config.hidden_size)
+    assert seen["weight"] is model.lm_head.weight
+    expected_targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1).reshape(-1)
+    assert torch.equal(seen["targets"], expected_targets)
+    model.fused_loss_kernel = None
+    torch.testing.assert_close(out.loss, model(x, labels=x).loss, atol=1e-5, rtol=1e-5)

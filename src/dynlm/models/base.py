@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,11 +35,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
                            ignore_index=-100, reduction=reduction)
 
 
-def fused_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def fused_causal_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                         kernel: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """`causal_lm_loss(hidden @ head_weight.T, labels)` without materialising the [B, T, V]
-    logits (chunked, `dynlm.nn.loss`): hidden [B, T, C], head_weight [V, C]."""
+    logits: hidden [B, T, C], head_weight [V, C]. `kernel(hidden [N, C], weight [V, C], targets [N])`
+    -> mean loss over targets != -100; default the chunked one of `dynlm.nn.loss` (another is
+    Liger's fused linear cross-entropy, `benchmarks/gpu_train.py`)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]
-    return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight, targets.reshape(-1))
+    return (kernel or linear_cross_entropy)(hidden.reshape(-1, hidden.size(-1)), head_weight, targets.reshape(-1))
 
 
 class DynModel(nn.Module):

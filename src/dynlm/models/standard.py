@@ -6,6 +6,7 @@ so that importing and exporting real checkpoints is a rename-free copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,9 @@ class TransformerLM(DynModel):
     # Set by the trainer (`train.fused_loss`): a forward with labels and gradients computes the
     # loss from the hidden states in chunks and returns no logits (they are never materialised).
     fused_loss: bool = False
+    # The fused loss's kernel (hidden [N, C], weight [V, C], targets [N]) -> mean loss; None: the
+    # chunked PyTorch one (`dynlm.nn.loss.linear_cross_entropy`).
+    fused_loss_kernel: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, config: ModelConfig, layer_class: type[nn.Module] = DecoderLayer):
         super().__init__(config)
@@ -101,7 +105,8 @@ class TransformerLM(DynModel):
         if state is not None:
             state.position += t
         if labels is not None and self.fused_loss and torch.is_grad_enabled():
-            logits, loss = None, fused_causal_lm_loss(h, self.lm_head.weight, labels)
+            logits = None
+            loss = fused_causal_lm_loss(h, self.lm_head.weight, labels, self.fused_loss_kernel)
         else:
             logits = self.lm_head(h)  # [B, T, V]
             loss = causal_lm_loss(logits, labels) if labels is not None else None
