@@ -24,12 +24,13 @@ def byte_ids(batch: int = 2, length: int = 23, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=g)
 
 
+@pytest.mark.parametrize("halting", [False, True])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_no_prediction_depends_on_its_own_byte_or_a_later_one(mode):
+def test_no_prediction_depends_on_its_own_byte_or_a_later_one(mode, halting):
     # logits[t] predict byte t+1. Perturbing byte s must leave logits[0 .. s-1] (the predictions
     # of bytes 1 .. s) unchanged, and must change logits[s] (the model does read byte s).
     # 23 bytes = 5 full patches + 3: every offset inside a patch and the tail are covered.
-    model = tiny().train(mode == "train")
+    model = tiny(halting=halting).train(mode == "train")
     x = byte_ids(batch=1)[0]  # [T]
     t = x.shape[0]
     changed = x.repeat(t, 1)  # row s has byte s perturbed (one batched forward; rows are independent)
@@ -107,3 +108,50 @@ def test_bad_model_configs_are_one_line_errors():
         tiny(num_kv_heads=2)
     with pytest.raises(ConfigError, match="patch_size"):
         tiny(patch_size=0)
+
+
+@pytest.mark.parametrize("bias, steps", [(30.0, 1), (-30.0, 3)])
+def test_halting_stops_each_position_at_its_step_and_charges_the_ponder_cost(bias, steps):
+    # h = sigmoid(bias): ~1 halts every position after step 1 (output = one refinement step);
+    # ~0 never reaches 1 - eps, so the forced last step takes the remainder R ~ 1 (output = all 3
+    # steps). Either way the result equals the plain model run for that many steps.
+    halting = tiny(halting=True, reasoning_steps=3, ponder_cost=0.5).eval()
+    torch.nn.init.zeros_(halting.model.halt.weight)
+    torch.nn.init.constant_(halting.model.halt.bias, bias)
+    plain = tiny(reasoning_steps=steps).eval()
+    plain.load_state_dict({k: v for k, v in halting.state_dict().items() if ".halt." not in k})
+    x = byte_ids(length=24)
+    with torch.no_grad():
+        out = halting(x)
+        expected = plain(x).logits
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    assert out.metrics["ponder_steps"].item() == steps
+    # ponder = N + R with R = 1 (halting at step 1 with nothing before) or 1 - 2 sigmoid(-30) ~ 1
+    torch.testing.assert_close(out.aux_loss, torch.tensor(0.5 * (steps + 1.0)))
+    assert plain(x).aux_loss is None  # halting off: no ponder cost (existing results stand)
+
+
+def test_halting_mixes_steps_and_the_ponder_cost_has_a_gradient():
+    model = tiny(halting=True, reasoning_steps=3).train()
+    x = byte_ids(length=24)
+    out = model(x, labels=x)
+    assert 1.0 < out.metrics["ponder_steps"].item() < 3.0  # h ~ 0.5 at init: halts at step 2
+    out.aux_loss.backward()
+    assert model.model.halt.weight.grad.abs().sum() > 0  # the cost pushes on the halting unit
+    with pytest.raises(ConfigError, match="reasoning_steps"):
+        tiny(halting=True, reasoning_steps=0)
+
+
+def test_halting_output_is_the_act_mixture_of_the_steps():
+    # h = sigmoid(0) = 0.5 everywhere: step 1 adds 0.5, step 2 reaches 1 >= 1 - eps and halts
+    # with the remainder R = 0.5, so out = 0.5 z_1 + 0.5 z_2 and ponder = N + R = 2.5
+    model = tiny(halting=True, reasoning_steps=3, ponder_cost=0.1).eval()
+    torch.nn.init.zeros_(model.model.halt.weight)
+    torch.nn.init.zeros_(model.model.halt.bias)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        out, metrics = model.refine(x)
+        z1 = model.model.refine(x)
+        z2 = model.model.refine(z1)
+    torch.testing.assert_close(out, 0.5 * z1 + 0.5 * z2)
+    torch.testing.assert_close(metrics["ponder_aux_loss"], torch.tensor(0.1 * 2.5))
