@@ -155,3 +155,67 @@ def test_halting_output_is_the_act_mixture_of_the_steps():
         z2 = model.model.refine(z1)
     torch.testing.assert_close(out, 0.5 * z1 + 0.5 * z2)
     torch.testing.assert_close(metrics["ponder_aux_loss"], torch.tensor(0.1 * 2.5))
+
+
+# A corpus whose files are not all valid UTF-8: a stray 0xFF, a truncated 2-byte character, a
+# lone continuation byte, next to Turkish text. A byte model must see exactly these bytes.
+RAW_FILES = {
+    "a.txt": b"Merhaba d\xc3\xbcnya \xff ve \xc3 yar\xc4\xb1m " * 6,
+    "b.txt": b"\x80\x80 latin-1 caf\xe9 " * 6 + "Kaşgarlı Mahmud ".encode() * 2,
+    "c.txt": b"plain ascii \xfe\xfd end " * 6,
+}
+
+
+def raw_corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for name, data in RAW_FILES.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_invalid_utf8_corpus_is_modelled_as_its_exact_bytes(tmp_path: Path):
+    from dynlm.data.shards import prepare_corpus
+    from dynlm.data.tokenizers import ByteTokenizer, train_bpe
+    from dynlm.eval.evaluate import evaluate
+
+    folder = raw_corpus(tmp_path)
+    tokenizer = ByteTokenizer()
+    splits = prepare_corpus(str(folder), tokenizer, cache_dir=tmp_path / "shards", show_progress=False)
+    seen = {}
+    for split in splits.values():
+        offsets = [*split.doc_offsets, len(split.tokens)]
+        for i, doc_id in enumerate(split.doc_ids):  # each document: the separator, then its bytes
+            seen[doc_id] = bytes(split.tokens[offsets[i] + 1:offsets[i + 1]].astype("uint8").tolist())
+        assert split.num_bytes == sum(len(RAW_FILES[d]) for d in split.doc_ids)
+    assert seen == RAW_FILES  # every byte as itself: no U+FFFD (3 bytes) in place of a bad byte
+    text = splits["val"].texts()[0]
+    assert tokenizer.decode(tokenizer.encode(text), errors="surrogateescape") == text
+
+    model = tiny().eval()
+    val_bytes = sum(len(RAW_FILES[d]) for d in splits["val"].doc_ids)
+    for max_bytes in (None, 10_000):  # the token-shard path and the text path of the evaluator
+        result = evaluate(model, tokenizer, str(folder), split="val", seq_len=32, max_bytes=max_bytes)
+        assert result["num_bytes"] == val_bytes  # bits per byte divide by the file's bytes
+        # a byte model: every byte is one token, so bits per byte = nats per token / ln 2
+        assert result["bpb"] == pytest.approx(result["loss_nats"] / 0.6931471805599453)
+        assert result["num_chars"] == sum(len(t) for t in splits["val"].texts())  # a raw byte: one char
+        assert result["bpc"] > result["bpb"]
+    # a BPE tokenizer cannot take raw bytes: they reach it as U+FFFD, and bits per byte still
+    # divide by the file's bytes
+    bpe = train_bpe([t for s in splits.values() for t in s.texts()], vocab_size=300, show_progress=False)
+    assert bpe.decode(bpe.encode("a\udcffb")) == "a\ufffdb"
+    assert bpe.count_bytes("a\udcffb") == 3
+
+
+@pytest.mark.slow
+def test_training_on_an_invalid_utf8_corpus(tmp_path: Path):
+    from dynlm.train.run import train
+
+    folder = raw_corpus(tmp_path)
+    run = train("quick", ["model.type=agiformer", "model.preset=agiformer-tiny", f"data.corpus={folder}",
+                          "data.seq_len=32", "train.batch_size=2", "train.max_steps=2", "train.warmup_steps=1",
+                          "train.eval_every=0", "train.eval_bytes=256", "train.progress=false",
+                          "train.plot=false", "train.sample_prompt=null", f"out_dir={tmp_path / 'runs'}",
+                          "run_name=raw"])
+    assert (run / "best").is_dir() and (run / "eval.json").is_file()
