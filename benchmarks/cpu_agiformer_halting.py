@@ -1,6 +1,6 @@
 """AGIFORMER's refinement steps with and without ACT halting, at equal training steps, on CPU.
 
-    nice -n 10 python benchmarks/cpu_agiformer_halting.py [--out benchmarks/results] [--steps 100] [--seeds 0,1,2]
+    nice -n 10 python benchmarks/cpu_agiformer_halting.py [--out benchmarks/results] [--steps 300] [--seeds 0,1,2]
 
 Both variants: `dynlm train quick model.type=agiformer` on the agiformer-tiny model with 3
 refinement steps, the same batches (same seed), the same number of steps; "on" adds
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs/agi-halting"))
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--eval-bytes", type=int, default=16384, help="validation bytes scored (evenly spaced)")
