@@ -219,3 +219,21 @@ def test_training_on_an_invalid_utf8_corpus(tmp_path: Path):
                           "train.plot=false", "train.sample_prompt=null", f"out_dir={tmp_path / 'runs'}",
                           "run_name=raw"])
     assert (run / "best").is_dir() and (run / "eval.json").is_file()
+
+
+def test_bf16_autocast_training_and_bf16_decoding():
+    # what the GPU benchmark runs: a training step under bf16 autocast, and decoding with bf16
+    # weights and state (an earlier version failed here with "expected scalar type Float but
+    # found BFloat16")
+    model = tiny(halting=True)
+    x = byte_ids(length=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x)
+    (out.loss + out.aux_loss).backward()
+    assert torch.isfinite(out.loss)
+    model = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        state = model.init_state(2, dtype=torch.bfloat16)
+        first = model(x[:, :9], state=state)
+        step = model(x[:, 9:10], state=first.state)
+    assert step.logits.shape == (2, 1, VOCAB) and torch.isfinite(step.logits).all()
