@@ -235,7 +235,10 @@ def kernel_bench(lengths: list[int], heads: int, dim: int, chunks: list[int], mo
 
 def results_name(parts: set[str], device: str) -> str:
     """gpu_agiformer_<parts>_<device>: e.g. gpu_agiformer_kernel_sweep_h200 on an NVIDIA H200."""
-    tag = re.sub(r"[^a-z0-9]+", "-", device.lower().split()[-1]).strip("-") if device else "device"
+    if device.startswith("CPU"):
+        tag = "cpu"
+    else:  # "NVIDIA H200" -> h200
+        tag = re.sub(r"[^a-z0-9]+", "-", device.lower().split()[-1]).strip("-") or "device"
     labels = {"kernel": "kernel_sweep", "models": "models"}  # kernel_sweep: the variant sweep of this version
     return f"gpu_agiformer_{'_'.join(labels[p] for p in labels if p in parts)}_{tag}"
 
@@ -314,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="8192,2048,32768",
                         help="sequence lengths of the kernel benchmark, most important first")
     parser.add_argument("--chunks", default="64,128,256", help="chunk lengths of our chunked form")
-    parser.add_argument("--modes", default="default,reduce-overhead,max-autotune-no-cudagraphs",
-                        help="torch.compile modes tried (the default mode is also captured in a CUDA graph)")
+    parser.add_argument("--modes", default=None,
+                        help="torch.compile modes tried, comma-separated (the default mode is also captured in a "
+                             "CUDA graph); default: default,reduce-overhead,max-autotune-no-cudagraphs, none with "
+                             "--smoke (a compile takes minutes on a loaded CPU)")
     parser.add_argument("--budget-s", type=float, default=150.0,
                         help="time budget of the kernel part (variants past it are recorded as skipped)")
     parser.add_argument("--parts", default="kernel,models", help="kernel, models or both")
@@ -335,14 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         heads, dim = (16, 64) if not args.smoke else (2, 16)
         if args.smoke:
             lengths, chunks = [min(t, 96) for t in lengths[:1]], [c for c in chunks if c <= 32] or [16]
-            args.modes = args.modes.split(",")[0]  # one compile on a CPU is enough to check the script
 
         def partial(rows: list[dict[str, Any]]) -> None:
             result["kernel"] = {"lengths": lengths, "budget_s": args.budget_s, "rows": rows, "partial": True}
             write(args.out, result)
+        modes = args.modes if args.modes is not None else (
+            "" if args.smoke else "default,reduce-overhead,max-autotune-no-cudagraphs")
         try:
-            result["kernel"] = kernel_bench(lengths, heads, dim, chunks, args.modes.split(","), args.budget_s,
-                                            device, partial)
+            result["kernel"] = kernel_bench(lengths, heads, dim, chunks, [m for m in modes.split(",") if m],
+                                            args.budget_s, device, partial)
         except Exception:  # noqa: BLE001 - keep the other parts
             result["errors"].append("kernel: " + traceback.format_exc().splitlines()[-1])
         write(args.out, result)
