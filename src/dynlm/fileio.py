@@ -1,5 +1,12 @@
 """Atomic file and folder writes: the one place where dynlm writes to a temporary sibling and
-renames it into place. Standard library only (every layer may import it).
+renames it into place; and how dynlm turns file bytes into text and back. Standard library only
+(every layer may import it).
+
+Text. Files are read as UTF-8 with "surrogateescape": a byte that is not part of valid UTF-8
+becomes one lone surrogate (U+DC80 + byte) and `utf8_bytes` turns it back into the same byte. So
+any file round-trips exactly, a byte-level model sees the file's exact bytes, and bits per byte
+divide by the file's byte count. Tokenizers that need valid Unicode (BPE, Hugging Face) get
+`valid_unicode(text)`: each such byte becomes U+FFFD there.
 
     atomic_write_text(path, text)           # a reader sees the old file or the new one, never half
     with atomic_open(path) as f: ...        # stream bytes into it
@@ -23,6 +30,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +39,29 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dynlm.output_dir import follow_umask
+
+TEXT_ERRORS = "surrogateescape"
+_RAW_BYTE = re.compile("[\udc80-\udcff]")  # a byte of a file that was not valid UTF-8
+
+
+def read_text_exact(path: str | Path) -> str:
+    """The text of a file; bytes that are not valid UTF-8 are kept (see the module docstring)."""
+    return Path(path).read_bytes().decode("utf-8", TEXT_ERRORS)
+
+
+def utf8_bytes(text: str) -> bytes:
+    """The bytes of `text` (the exact file bytes for text from `read_text_exact`)."""
+    return text.encode("utf-8", TEXT_ERRORS)
+
+
+def num_utf8_bytes(text: str) -> int:
+    return len(utf8_bytes(text))
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with each kept raw byte replaced by U+FFFD, for consumers that need valid Unicode."""
+    return _RAW_BYTE.sub("\ufffd", text) if _RAW_BYTE.search(text) else text
+
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100

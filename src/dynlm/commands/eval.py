@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from dynlm.errors import ConfigError, ContextLengthError, DataError
+from dynlm.errors import ConfigError, ContextLengthError
+from dynlm.fileio import read_text_exact
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,11 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def read_text_file(path: Path, flag: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{flag} '{path}' not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{flag} '{path}': not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})",
-                        "give a text file") from None
+    return read_text_exact(path)  # bytes that are not UTF-8 are kept (dynlm.fileio)
 
 
 def check_seq_len(model: object, seq_len: int | None) -> None:

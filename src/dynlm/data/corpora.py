@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynlm.errors import ConfigError, DataError, did_you_mean
+from dynlm.fileio import num_utf8_bytes, read_text_exact, utf8_bytes
 
 Document = tuple[str, str]  # (doc_id, text)
 
@@ -246,7 +247,7 @@ def fingerprint_documents(documents: Iterable[Document]) -> str:
     """sha256 over the ids and texts, in order (length-prefixed, so no two corpora collide)."""
     digest = hashlib.sha256()
     for doc_id, text in documents:
-        for part in (doc_id.encode("utf-8"), text.encode("utf-8")):
+        for part in (utf8_bytes(doc_id), utf8_bytes(text)):
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
     return digest.hexdigest()
@@ -280,7 +281,7 @@ class Corpus(ABC):
 
     def split_weight(self, doc_id: str, text: str) -> float:
         """What the split fractions measure: UTF-8 bytes, unless a corpus knows better."""
-        return len(text.encode("utf-8"))
+        return num_utf8_bytes(text)
 
     @property
     def cache_key(self) -> str:
@@ -354,7 +355,8 @@ class PythonStdlibCorpus(Corpus):
 
 class FilesCorpus(Corpus):
     """Local text files: each file is a document, except `.jsonl` files, where each line is one
-    (a JSON string, or an object with a "text" field). Text must be UTF-8."""
+    (a JSON string, or an object with a "text" field). Text is UTF-8; a byte that is not valid
+    UTF-8 is kept as itself (`dynlm.fileio.read_text_exact`): a byte model sees it, BPE sees U+FFFD."""
 
     def __init__(self, name: str, files: Sequence[Path], base: Path | None = None, source: str = "local files"):
         self.name, self.files, self.source = name, [Path(f) for f in files], source
@@ -381,10 +383,7 @@ class FilesCorpus(Corpus):
     def documents(self) -> Iterator[Document]:
         for path in self.files:
             try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})",
-                                "convert it to UTF-8 or leave it out") from None
+                text = read_text_exact(path)
             except OSError as e:
                 raise DataError(f"{path}: cannot read ({e.strerror})") from None
             if path.suffix != ".jsonl":
@@ -606,7 +605,7 @@ def split_documents(documents: Sequence[Document], splits: Sequence[float] = DEF
         raise DataError("the corpus has no documents")
     if len(documents) < 3:
         return _split_within_documents(documents, fractions)
-    weigh = weight or (lambda doc_id, text: len(text.encode("utf-8")))
+    weigh = weight or (lambda doc_id, text: num_utf8_bytes(text))
     weights = [float(weigh(doc_id, text)) for doc_id, text in documents]
     if sum(weights) <= 0:
         weights = [1.0] * len(documents)
@@ -643,7 +642,7 @@ def _split_within_documents(documents: Sequence[Document], fractions: dict[str, 
                 units = list(text)
         starts = [0]
         for unit in units:
-            starts.append(starts[-1] + len(unit.encode("utf-8")))
+            starts.append(starts[-1] + num_utf8_bytes(unit))
         end_train, end_val = (_nearest(starts, f * starts[-1]) for f in bounds)
         if len(units) >= 3:  # each part with a positive fraction gets at least one unit
             has_val, has_test = fractions["val"] > 0, fractions["test"] > 0

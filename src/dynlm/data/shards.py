@@ -47,7 +47,7 @@ from dynlm.data.corpora import (
 from dynlm.data.corpora import cache_dir as default_cache_dir
 from dynlm.data.tokenizers import Tokenizer
 from dynlm.errors import DataError
-from dynlm.fileio import atomic_directory
+from dynlm.fileio import TEXT_ERRORS, atomic_directory, num_utf8_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -87,7 +87,7 @@ class TokenSplit:
 
     def documents(self) -> Iterator[Document]:
         """(doc_id, text) of each document, in the order of `doc_offsets`."""
-        with open(self.texts_file, encoding="utf-8") as f:
+        with open(self.texts_file, encoding="utf-8", errors=TEXT_ERRORS) as f:  # raw bytes kept (fileio)
             for line in f:
                 record = json.loads(line)
                 yield record["id"], record["text"]
@@ -178,7 +178,7 @@ def _build(directory: Path, corpus: Corpus, documents: list[Document], tokenizer
     parts = split_documents(documents, fractions, corpus.split_weight)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     separator = tokenizer.separator_id
-    total_bytes = sum(len(text.encode("utf-8")) for _, text in documents)
+    total_bytes = sum(num_utf8_bytes(text) for _, text in documents)
     started = time.perf_counter()
     with atomic_directory(directory) as tmp:
         default_permissions(tmp)
@@ -199,7 +199,7 @@ def _write_split(directory: Path, name: str, documents: list[Document], tokenize
     offsets: list[int] = []
     position = 0
     with open(directory / f"{name}.bin", "wb") as tokens_file, \
-            open(directory / f"{name}.jsonl", "w", encoding="utf-8") as texts_file:
+            open(directory / f"{name}.jsonl", "w", encoding="utf-8", errors=TEXT_ERRORS) as texts_file:
         for batch in _batches(documents):
             for (doc_id, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
                 array = np.asarray([separator, *ids], dtype=np.int64)
@@ -210,11 +210,11 @@ def _write_split(directory: Path, name: str, documents: list[Document], tokenize
                 offsets.append(position)
                 position += len(array)
                 texts_file.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
-            bar.update(sum(len(text.encode("utf-8")) for _, text in batch))
+            bar.update(sum(num_utf8_bytes(text) for _, text in batch))
     np.save(directory / f"{name}.offsets.npy", np.asarray(offsets, dtype=np.int64))
     return {"tokens_file": f"{name}.bin", "doc_offsets_file": f"{name}.offsets.npy", "texts_file": f"{name}.jsonl",
             "num_tokens": position, "num_docs": len(documents),
-            "num_bytes": sum(len(text.encode("utf-8")) for _, text in documents),
+            "num_bytes": sum(num_utf8_bytes(text) for _, text in documents),
             "num_chars": sum(len(text) for _, text in documents)}
 
 

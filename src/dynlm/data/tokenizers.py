@@ -27,7 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dynlm.data.gguf_vocab import GGUFMetadata, build_gguf_tokenizer, open_gguf
 from dynlm.errors import CheckpointError, ConfigError, DataError
-from dynlm.fileio import atomic_write_json
+from dynlm.fileio import TEXT_ERRORS, atomic_write_json, num_utf8_bytes, utf8_bytes, valid_unicode
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -82,8 +82,9 @@ class Tokenizer(ABC):
         """Id of a token string (e.g. a special token), or None."""
 
     def count_bytes(self, text: str) -> int:
-        """UTF-8 bytes of `text`: what bits per byte divide by, whatever the tokenizer."""
-        return len(text.encode("utf-8"))
+        """UTF-8 bytes of `text` (a file's raw non-UTF-8 bytes count as one byte each, see
+        `dynlm.fileio`): what bits per byte divide by, whatever the tokenizer."""
+        return num_utf8_bytes(text)
 
     @abstractmethod
     def serialize(self) -> dict[str, dict[str, Any]]:
@@ -129,7 +130,10 @@ class Tokenizer(ABC):
 
 class ByteTokenizer(Tokenizer):
     """Ids 0-255 are the UTF-8 bytes; 256 is `<|endoftext|>` (BOS, EOS and document separator) and
-    257 is `<|pad|>`. Every UTF-8 text round-trips exactly."""
+    257 is `<|pad|>`. A file's bytes that are not valid UTF-8 (kept in the text as lone surrogates,
+    see `dynlm.fileio`) are encoded as themselves, so the model sees the file's exact bytes.
+    `decode` is for display: invalid byte sequences become U+FFFD unless errors="surrogateescape",
+    with which every text (and every byte sequence) round-trips exactly."""
 
     NUM_BYTES = 256
 
@@ -153,10 +157,10 @@ class ByteTokenizer(Tokenizer):
             if i % 2:
                 ids.append(self.special_tokens[piece])
             else:
-                ids.extend(piece.encode("utf-8"))
+                ids.extend(utf8_bytes(piece))
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, errors: str = "replace") -> str:
         out: list[str] = []
         pending = bytearray()  # bytes are decoded together so multi-byte characters survive
         for i in ids:
@@ -164,17 +168,17 @@ class ByteTokenizer(Tokenizer):
             if 0 <= i < self.NUM_BYTES:
                 pending.append(i)
             elif i in self._special_by_id:
-                out.append(pending.decode("utf-8", errors="replace"))
+                out.append(pending.decode("utf-8", errors=errors))
                 pending.clear()
                 if not skip_special_tokens:
                     out.append(self._special_by_id[i])
-        out.append(pending.decode("utf-8", errors="replace"))
+        out.append(pending.decode("utf-8", errors=errors))
         return "".join(out)
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.special_tokens:
             return self.special_tokens[token]
-        data = token.encode("utf-8")
+        data = token.encode("utf-8", TEXT_ERRORS)
         return data[0] if len(data) == 1 else None
 
     def serialize(self) -> dict[str, dict[str, Any]]:
@@ -229,6 +233,8 @@ class HFTokenizer(Tokenizer):
         return super().eos_ids + [i for i in self._extra_eos_ids if i != self.eos_id]
 
     def _prefixed(self, text: str) -> str:
+        # the Rust backend takes valid Unicode only: a file's raw non-UTF-8 bytes become U+FFFD
+        text = valid_unicode(text)
         return " " + text if self.prefix_space and text else text
 
     def encode(self, text: str) -> list[int]:
@@ -321,7 +327,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator((valid_unicode(t) for t in texts), trainer)
     return HFTokenizer(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, prepend_separator=True)
 
 

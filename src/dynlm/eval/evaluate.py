@@ -9,7 +9,8 @@ Units (docs/evaluation.md, "Units"):
   ppl        exp(loss_nats): per token, only comparable between models with the same tokenizer
   bpb        total loss in nats / (ln 2 * UTF-8 bytes of the scored text): the one unit that
              compares a byte model with a BPE model. For a byte model bpb == loss_nats / ln 2.
-  bpc        bits per Unicode character (whenever the character count is known; equals bpb on
+  bpc        bits per Unicode character (whenever the character count is known; a raw byte of a
+             file that is not valid UTF-8 counts as one character; equals bpb on
              ASCII text, and exceeds it where characters take several UTF-8 bytes).
 
 Every document is preceded by the tokenizer's separator token (as in training), which is input
@@ -32,6 +33,7 @@ from dynlm.data.corpora import SPLIT_NAMES, get_corpus
 from dynlm.data.shards import prepare_corpus
 from dynlm.distributed import all_reduce_sum, autocast
 from dynlm.errors import ConfigError, DataError
+from dynlm.fileio import num_utf8_bytes
 from dynlm.models.base import causal_lm_loss
 
 
@@ -182,7 +184,7 @@ def text_spans(texts: Sequence[str], max_bytes: int, num_spans: int = 16) -> lis
     total_chars = sum(len(t) for t in texts)
     if total_chars == 0:
         return []
-    bytes_per_char = sum(len(t.encode("utf-8")) for t in texts) / total_chars
+    bytes_per_char = sum(num_utf8_bytes(t) for t in texts) / total_chars
     wanted_chars = max(1, round(max_bytes / bytes_per_char))
     if wanted_chars >= total_chars:
         return [t for t in texts if t]

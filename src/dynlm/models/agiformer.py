@@ -8,6 +8,7 @@ Bytes x_0 .. x_{T-1} (ids < vocab_size), patch size P, encoder overlap o:
     HybridBlock    x += W_o(g * SWA_w(n) + (1 - g) * Memory_alpha(n)),  n = RMSNorm(x),
                    g = sigmoid(W_g n);  x += SwiGLU(RMSNorm(x))              over patches, RoPE
     Refinement     z += sigmoid(W_r m) * SwiGLU(m), m = RMSNorm(z)          `reasoning_steps` times
+                   (optional ACT halting: see `AgiformerModel.refine`)
     h_n            = RMSNorm(z_n): sees bytes 0 .. nP+P-1 (patches 0..n), never a later one
 
 Byte head: the bytes of patch n are decoded by a GRU conditioned on c_n = h_{n-1} (c_0 a learned
@@ -56,6 +57,10 @@ class AgiformerConfig(ModelConfig):
     min_decay: float = 0.9  # lambda_min of the data-dependent decay
     init_decay: float = 0.998  # lambda at initialisation (alpha = 1)
     linear_chunk_size: int = 64  # chunk length of the chunked linear attention
+    # adaptive computation time over the refinement steps (per patch position; off: always all steps)
+    halting: bool = False
+    halting_epsilon: float = 0.01  # a position halts once its halting probabilities sum to >= 1 - eps
+    ponder_cost: float = 0.01  # weight of the ponder cost (steps + remainder) in aux_loss
 
     def validate(self) -> None:
         super().validate()
@@ -69,6 +74,12 @@ class AgiformerConfig(ModelConfig):
                               f"({self.num_kv_heads}) must equal model.num_heads ({self.num_heads})")
         if self.reasoning_steps < 0:
             raise ConfigError(f"model.reasoning_steps must be >= 0, got {self.reasoning_steps}")
+        if self.halting and self.reasoning_steps < 1:
+            raise ConfigError("model.halting needs model.reasoning_steps >= 1 (it halts among those steps)")
+        if not 0.0 < self.halting_epsilon < 1.0:
+            raise ConfigError(f"model.halting_epsilon must be in (0, 1), got {self.halting_epsilon}")
+        if self.ponder_cost < 0:
+            raise ConfigError(f"model.ponder_cost must be >= 0, got {self.ponder_cost}")
         if self.linear_chunk_size < 1:
             raise ConfigError(f"model.linear_chunk_size must be >= 1, got {self.linear_chunk_size}")
         try:
@@ -231,6 +242,8 @@ class AgiformerBody(nn.Module):
         self.encoder = PatchEncoder(c, self.embed_tokens)
         self.layers = nn.ModuleList(HybridBlock(c) for _ in range(c.num_layers))
         self.refine = RefinementBlock(c)
+        # halting probability of each position after each refinement step (only with halting)
+        self.halt = nn.Linear(c.hidden_size, 1) if c.halting else None
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.start = nn.Parameter(torch.zeros(c.hidden_size))  # c_0: the condition of patch 0
         self.head = ByteHead(c, self.embed_tokens)
@@ -288,15 +301,58 @@ class AgiformerModel(DynModel):
             gates.append(gate)
             if new_states is not None:
                 new_states.append(layer_state)
-        updates = []
-        for _ in range(self.config.reasoning_steps):
-            z = self.model.refine(x)
-            updates.append((z - x).detach().float().norm(dim=-1).mean())  # size of each refinement step
-            x = z
-        metrics = {"gate_attention": torch.stack(gates).mean()}
-        for step, size in enumerate(updates):
-            metrics[f"refine_update_{step}"] = size
+        x, metrics = self.refine(x)
+        metrics["gate_attention"] = torch.stack(gates).mean()
         return self.model.norm(x), new_states, metrics
+
+    def refine(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The refinement steps on x [B, N, C]. Without halting: `reasoning_steps` steps for every
+        position. With halting (ACT, Graves 2016), per position n and step s = 1..S:
+
+            z_s = refine(z_{s-1}), h_s = sigmoid(W_h z_s)   (h_S = 1: the last step always halts)
+            N   = the first s with h_1 + ... + h_s >= 1 - eps;  R = 1 - (h_1 + ... + h_{N-1})
+            out = sum_{s<N} h_s z_s + R z_N,   ponder = N + R  (its gradient flows through R)
+
+        A halted position's state no longer changes and its output is fixed. Everything is
+        position-wise, so a position's halting depends only on its own latent (which sees itself
+        and the past): causal, and the same whether patches arrive at once or one by one. All
+        positions run the S steps as one batch (no host sync to stop early); halting decides the
+        output and the cost, not the wall time."""
+        c = self.config
+        metrics: dict[str, torch.Tensor] = {}
+        if not c.halting:
+            for step in range(c.reasoning_steps):
+                z = self.model.refine(x)
+                metrics[f"refine_update_{step}"] = (z - x).detach().float().norm(dim=-1).mean()
+                x = z
+            return x, metrics
+        threshold = 1.0 - c.halting_epsilon
+        cumulative = x.new_zeros(*x.shape[:-1], 1, dtype=torch.float32)  # [B, N, 1] sum of h so far
+        running = torch.ones_like(cumulative, dtype=torch.bool)
+        out = torch.zeros_like(x, dtype=torch.float32)
+        steps = torch.zeros_like(cumulative)  # N per position
+        remainder = torch.zeros_like(cumulative)  # R per position
+        z = x
+        for step in range(c.reasoning_steps):
+            new = self.model.refine(z)
+            metrics[f"refine_update_{step}"] = ((new - z).detach().float().norm(dim=-1, keepdim=True)
+                                                * running).sum() / running.sum().clamp(min=1)
+            z = torch.where(running, new, z)  # halted positions keep their state
+            if step == c.reasoning_steps - 1:
+                h = torch.ones_like(cumulative)
+            else:
+                h = torch.sigmoid(self.model.halt(z).float())  # [B, N, 1]
+            halts = running & (cumulative + h >= threshold)
+            weight = torch.where(halts, 1.0 - cumulative, torch.where(running, h, 0.0))
+            out = out + weight * z.float()
+            steps = steps + running.float()
+            remainder = torch.where(halts, 1.0 - cumulative, remainder)
+            cumulative = torch.where(running, cumulative + h, cumulative)
+            running = running & ~halts
+        ponder = (steps + remainder).mean()
+        metrics["ponder_steps"] = steps.mean()
+        metrics["ponder_aux_loss"] = c.ponder_cost * ponder
+        return out.to(x.dtype), metrics
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 state: AgiformerState | None = None, use_cache: bool = False) -> ModelOutput:
@@ -353,7 +409,10 @@ class AgiformerModel(DynModel):
                                        conds[:, -1], last_hidden[:, -1])
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         metrics["plasticity"] = torch.tensor(c.plasticity)
-        return ModelOutput(logits=logits, loss=loss, state=new_state, metrics=metrics)
+        aux_loss = metrics.pop("ponder_aux_loss", None)
+        if aux_loss is not None:
+            metrics["ponder_cost"] = aux_loss.detach()
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, state=new_state, metrics=metrics)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per byte: 6 * (matmul parameters used per byte) + attention terms.
