@@ -11,7 +11,7 @@ import torch
 import dynlm
 from dynlm.errors import ContextLengthError
 from dynlm.infer import graphs
-from dynlm.infer.generate import generate_ids
+from dynlm.infer.generate import generate_ids, iter_token_steps
 from dynlm.infer.graphs import batch_bucket, graph_decoder
 from dynlm.nn import Attention, KVCache, RotaryEmbedding
 from dynlm.nn.attention import grouped_query_attention
@@ -208,3 +208,40 @@ def test_compiled_step_traces_once_per_bucket_and_keeps_the_tokens():
     assert torch.equal(_decode_with(decoder, prompts, 10, 10), eager)
     assert counter.frame_count == 1  # one bucket, one trace (not one per position)
     assert decoder.session.state.layers[0].length == decoder.session.state.position == 15
+
+
+def test_interleaved_generations_keep_their_own_static_caches():
+    """Two generations advanced token by token in turn (what the server does with concurrent
+    requests) on the static cache: each gives its own eager tokens; the sessions are reused after."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    a, b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 6))
+    steps_a = iter_token_steps(model, a, 10, graphs=True)
+    steps_b = iter_token_steps(model, b, 10, graphs=True)
+    tokens_a, tokens_b = [], []
+    for _ in range(10):
+        tokens_a.append(next(steps_a))
+        tokens_b.append(next(steps_b))
+    for steps in (steps_a, steps_b):
+        assert next(steps, None) is None  # finished: the session is released
+    assert torch.equal(torch.cat([a, torch.stack(tokens_a, 1)], 1), generate_ids(model, a, 10, graphs=False))
+    assert torch.equal(torch.cat([b, torch.stack(tokens_b, 1)], 1), generate_ids(model, b, 10, graphs=False))
+    decoder = graph_decoder(model)
+    assert len(decoder.sessions) == 2 and not any(s.busy for s in decoder.sessions)
+    generate_ids(model, a, 10, graphs=True)
+    assert len(decoder.sessions) == 2  # reused, not a third
+
+
+def test_exclusive_sessions_are_not_reset_by_another_prefill():
+    """Logits of a session stepped after another prompt was prefilled equal the eager logits of
+    its own prompt (a shared session would continue the other prompt)."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    a, b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 9))
+    decoder = graphs.GraphDecoder(model)
+    decoder.prefill(a, 4, exclusive=True)
+    session_a = decoder.session
+    decoder.prefill(b, 4, exclusive=True)
+    assert decoder.session is not session_a
+    token = torch.tensor([5])
+    with torch.no_grad():
+        expected = model(torch.cat([a, token[:, None]], 1)).logits[:, -1]
+        torch.testing.assert_close(decoder.step(token, session_a), expected, atol=1e-5, rtol=1e-4)

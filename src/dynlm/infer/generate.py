@@ -67,6 +67,7 @@ def iter_token_steps(
                                  f"max_position_embeddings {limit}", "shorten the prompt or lower max_new_tokens")
     was_training = model.training
     model.eval()
+    session = None  # the graph decoder's session this generation holds
     try:
         device = _device_of(model)
         input_ids = input_ids.to(device)
@@ -79,7 +80,9 @@ def iter_token_steps(
         done = torch.zeros(b, dtype=torch.bool, device=device)
         decoder = graph_decoder(model) if (graphs_by_default(model) if graphs is None else graphs) else None
         if decoder is not None:
-            logits = decoder.prefill(input_ids, max_new_tokens)
+            # exclusive: another generation interleaved with this one (a server) gets its own cache
+            logits = decoder.prefill(input_ids, max_new_tokens, exclusive=True)
+            session = decoder.session
         else:
             state = model.init_state(b, device=device, max_length=t + max_new_tokens)
             out = model(input_ids, state=state)
@@ -96,11 +99,13 @@ def iter_token_steps(
                 return
             context = torch.cat([context, next_ids[:, None]], dim=1)
             if decoder is not None:
-                logits = decoder.step(next_ids)
+                logits = decoder.step(next_ids, session)
             else:
                 out = model(next_ids[:, None], state=out.state)
                 logits = out.logits[:, -1]
     finally:
+        if session is not None:
+            decoder.release(session)
         model.train(was_training)
 
 

@@ -11,7 +11,9 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
 
 - Graphs are kept per batch-size bucket (the next power of two: rows are padded with token 0,
   every row is independent, padded rows are dropped) and per cache length (rounded up), at most
-  MAX_SESSIONS of them per model.
+  MAX_SESSIONS idle ones per model (`max_idle_sessions`). A session in use (between `prefill`
+  and `release`) is never shared: concurrent generations (a server interleaving requests token by
+  token) each get their own static cache, passing the session that `prefill` returned to `step`.
 - The prompt is prefilled eagerly in chunks of `prefill_chunk` tokens.
 - Routed layers (MoD, DTF) run the causal router inside the graph: a token that skips a layer
   leaves the layer's output unchanged and its key is marked invalid, so shapes stay static.
@@ -43,7 +45,7 @@ from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
 
 CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengths share graphs
-MAX_SESSIONS = 4  # static caches (and their graphs) kept per model; the oldest is dropped first
+MAX_SESSIONS = 4  # idle static caches (and their graphs) kept per model; the oldest is dropped first
 MIN_ATTEND = 256  # the smallest length bucket a step attends over
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # modes that leave graph capture to us
 
@@ -110,6 +112,9 @@ class _Session:
     graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
     # ^ per attended length (None: the whole buffer): the graph and its output logits [bucket, V]
     signature: tuple | None = None  # the replaced tensors' shapes every graph was captured with
+    key: tuple[int, int] = (0, 0)  # (batch bucket, capacity)
+    batch_size: int = 0  # rows in use
+    busy: bool = False  # a generation is using it (between prefill and release)
     buffers: dict[tuple[str, Any], torch.Tensor] = field(default_factory=dict)  # replaced tensors, fixed
 
 
@@ -141,9 +146,9 @@ class GraphDecoder:
                                           dynamic=False, backend=compile_backend)
         self.capture = next(model.parameters()).device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.sessions: dict[tuple[int, int], _Session] = {}
-        self.session: _Session | None = None
-        self.batch_size = 0
+        self.sessions: list[_Session] = []  # oldest first
+        self.session: _Session | None = None  # the latest prefilled: `step`'s default
+        self.max_idle_sessions = MAX_SESSIONS
         self.eager_steps = 0  # decode steps run eagerly (before a graph could be captured)
         self.graph_steps = 0  # decode steps replayed from a graph
         self.captures = 0
@@ -160,23 +165,40 @@ class GraphDecoder:
         self.sessions.clear()
         self.session = None
 
+    def release(self, session: _Session) -> None:
+        """The generation that prefilled `session` with `exclusive=True` is over: the session may
+        be reused (or dropped when too many are idle)."""
+        session.busy = False
+        self._trim(self.max_idle_sessions)
+
+    def _trim(self, keep: int) -> None:
+        idle = [s for s in self.sessions if not s.busy]
+        for old in idle[: max(0, len(idle) - keep)]:
+            self.sessions.remove(old)
+
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, exclusive: bool = False) -> torch.Tensor:
         """Start decoding rows `input_ids` [B, T] with room for `max_new_tokens`: returns the
-        logits [B, V] at the last prompt position."""
+        logits [B, V] at the last prompt position; the session used is `self.session`.
+        `exclusive`: no other prefill may take this session until `release(session)` (for
+        generations that run interleaved)."""
         b, t = input_ids.shape
         bucket = batch_bucket(b)
         limit = self.model.config.max_position_embeddings
         capacity = -(-(t + max_new_tokens) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         capacity = max(t + max_new_tokens, min(capacity, limit))
         key = (bucket, capacity)
-        if key not in self.sessions:
-            while len(self.sessions) >= MAX_SESSIONS:
-                self.sessions.pop(next(iter(self.sessions)))
+        session = next((s for s in self.sessions if s.key == key and not s.busy), None)
+        if session is None:
+            self._trim(self.max_idle_sessions - 1)  # room for the new one
             device = self.model.lm_head.weight.device
-            self.sessions[key] = _Session(static_state(self.model, bucket, capacity),
-                                          torch.zeros(bucket, 1, dtype=torch.long, device=device))
-        session = self.sessions[key]
+            session = _Session(static_state(self.model, bucket, capacity),
+                               torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
+            self.sessions.append(session)
+        else:  # most recently used last
+            self.sessions.remove(session)
+            self.sessions.append(session)
+        session.busy = exclusive
         state = session.state
         for layer in state.layers:
             layer.reset()
@@ -187,19 +209,20 @@ class GraphDecoder:
         ids = input_ids.to(session.ids.device)
         if bucket > b:
             ids = torch.cat([ids, ids.new_zeros(bucket - b, t)])
-        self.session, self.batch_size = session, b
+        self.session, session.batch_size = session, b
         for chunk in ids.split(self.prefill_chunk, dim=1):
             logits = self.model(chunk, state=state).logits[:, -1]
         return logits[:b]
 
     @torch.no_grad()
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (`next_ids` [B]); returns the logits [B, V] (a view of the
-        graph's output buffer: read it before the next step)."""
-        session = self.session
+    def step(self, next_ids: torch.Tensor, session: _Session | None = None) -> torch.Tensor:
+        """Feed one token per row (`next_ids` [B]) to `session` (default: the latest prefilled);
+        returns the logits [B, V] (a view of the graph's output buffer: read it before the next
+        step of this session)."""
+        session = session or self.session
         if session is None:
             raise RuntimeError("call prefill() before step()")
-        b = self.batch_size
+        b = session.batch_size
         session.ids[:b, 0].copy_(next_ids)
         state = session.state
         attend = None

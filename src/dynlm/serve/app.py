@@ -34,6 +34,7 @@ from starlette.background import BackgroundTask
 
 from dynlm.errors import DynlmError
 from dynlm.infer.generate import DecodeStep, stream_decode, token_logprobs
+from dynlm.infer.graphs import graph_decoder, graphs_by_default
 from dynlm.serve.deployment import Deployment, Expert
 
 CONVERSATION_HEADER = "x-dynlm-conversation"
@@ -167,6 +168,10 @@ class Server:
         self.limits = limits
         self.worker = Worker()
         self.active = 0
+        for expert in deployment.experts.values():  # every admitted request may hold a static cache
+            if graphs_by_default(expert.model):
+                decoder = graph_decoder(expert.model)
+                decoder.max_idle_sessions = max(decoder.max_idle_sessions, limits.max_concurrent)
         self.started = time.time()
 
     # -- admission and validation -----------------------------------------------------------------
