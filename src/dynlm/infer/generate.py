@@ -309,3 +309,17 @@ def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], num_beams: in
         return finished
     finally:
         model.train(was_training)
+
+
+def beam_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, num_beams: int = 4, max_new_tokens: int = 32,
+                  length_penalty: float = 1.0, stop: Sequence[str] = (), chat: bool | None = None,
+                  early_stopping: bool = False) -> str:
+    """The best `beam_search` continuation of one prompt as text: EOS dropped, cut at the first
+    stop string."""
+    hypotheses = beam_search(model, encode_prompt(tokenizer, prompt, chat), num_beams, max_new_tokens,
+                             length_penalty, list(tokenizer.eos_ids), early_stopping)
+    ids = hypotheses[0].ids
+    eos = set(tokenizer.eos_ids)
+    ids = ids[:-1] if ids and ids[-1] in eos else ids
+    return _trim(tokenizer.decode(ids), stop)[0]
+
