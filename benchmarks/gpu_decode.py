@@ -230,8 +230,9 @@ def main() -> None:
         print(f"{row['batch']}x{row['context']} {name}: {json.dumps(row[name])}", flush=True)
         write(args.out, result)  # after every part: a later failure or timeout keeps what was measured
 
-    for batch, context in shapes:
-        prompts = distinct_prompts(batch, context, model.config.vocab_size, device)
+    prompts_of = {shape: distinct_prompts(*shape, model.config.vocab_size, device) for shape in shapes}
+    for batch, context in shapes:  # first every shape's main variants, then the extras
+        prompts = prompts_of[batch, context]
         row: dict[str, Any] = {"batch": batch, "context": context, "new_tokens": new_tokens,
                                "floor_ms_per_step": floor_ms(model, batch, context + new_tokens)}
         rows.append(row)
@@ -241,15 +242,20 @@ def main() -> None:
             part(row, "hf_generate", hf, reference, prompts, new_tokens, static=False)
         part(row, "dynlm_graphs_compile", ours, model, prompts, new_tokens, graphs=True, compile=args.compile_mode,
              compile_backend=compile_backend)
-        if context == long_context:
+    # transformers' static cache (generate compiles its forward for every batch size) at the short
+    # context, our compiled step with math attention at the long one, then the static cache there
+    hf_static = reference is not None and not args.no_hf_static and device == "cuda"
+    for row in rows if hf_static else []:
+        if row["context"] != long_context:
+            part(row, "hf_static", hf, reference, prompts_of[row["batch"], row["context"]], new_tokens, static=True)
+    for row in rows:
+        if row["context"] == long_context:
+            prompts = prompts_of[row["batch"], row["context"]]
             part(row, "dynlm_graphs_compile_math", math_attention, ours, model, prompts, new_tokens, graphs=True,
                  compile=args.compile_mode, compile_backend=compile_backend)
-        row.pop("_eager_tokens", None)
-    # last, as generate compiles its static-cache forward for every batch size
-    if reference is not None and not args.no_hf_static and device == "cuda":
-        for row in rows:
-            prompts = distinct_prompts(row["batch"], row["context"], model.config.vocab_size, device)
-            part(row, "hf_static", hf, reference, prompts, new_tokens, static=True)
+    for row in rows if hf_static else []:
+        if row["context"] == long_context:
+            part(row, "hf_static", hf, reference, prompts_of[row["batch"], row["context"]], new_tokens, static=True)
     result["wall_s"] = time.perf_counter() - started
     write(args.out, result)
     print(to_markdown(result))
