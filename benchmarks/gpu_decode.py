@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,26 +33,15 @@ import dynlm
 import dynlm.nn.attention as attention
 from dynlm.infer.graphs import GraphDecoder
 
+sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
+
 BANDWIDTH = 4.8e12  # H200 datasheet bytes/s (the floor's denominator; a lead, not a measurement)
 
 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def git_commit(given: str | None) -> str:
-    """The commit measured, read at start: `git rev-parse HEAD` (+ "-dirty" when the tree has
-    changes), or `given` where there is no git (a copied tree)."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit = head.stdout.strip() + ("-dirty" if dirty else "")
-        return commit if given is None or given in commit else f"{commit} (--commit said {given})"
-    except (OSError, subprocess.CalledProcessError):
-        return given or "unknown (no git and no --commit)"
 
 
 def distinct_prompts(batch: int, length: int, vocab: int, device: str) -> torch.Tensor:
@@ -172,7 +161,7 @@ def main() -> None:
     parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' static cache")
     args = parser.parse_args()
     started = time.perf_counter()
-    commit = git_commit(args.commit)
+    commit = provenance.commit(args.commit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # on a CPU the compiled variant only traces (dynamo, no inductor code): the smoke run checks

@@ -187,7 +187,7 @@ def markdown(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['device']} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
                      f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
                      f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} "
-                     f"| {r['commit'][:10]} |")
+                     f"| {r['commit'] if r['commit'].startswith('no git') else r['commit'][:10]} |")
     return lines
 
 
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --model or --random-weights")
     prompts = [json.loads(line)["prompt"] for line in (DATA / "heldout.jsonl").read_text().splitlines()]
     env = environment()
-    if env["commit"].startswith("unknown") and args.commit:
-        env["commit"] = args.commit
+    if env["commit"].startswith("no git") and args.commit:
+        env["commit"] += f"; --commit {args.commit} given by hand"
     device = device_label(args.device)
     rows = load_previous(args.out)
     report = {"python": env["python"], "max_tokens": 32, "rows": rows}
