@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit", help="the commit measured, where the tree has no .git")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=240.0, help="start no part after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=210.0, help="start no part after this many seconds")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variant")
     parser.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes, any device")
     parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' static cache")
