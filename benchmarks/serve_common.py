@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import provenance
 from quickstart_cpu import cpu_model
 
 
@@ -17,8 +18,8 @@ def environment() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                     text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the src tree id says what ran
+        commit, dirty = provenance.commit(), False
     return {"device": f"CPU: {cpu_model()}, {os.cpu_count()} cores, shared with other jobs while measured",
             "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else "")}
 

@@ -3,6 +3,15 @@ loopback, an asyncio client keeping 1, 8 or 32 streams open (each a streamed cha
 with a distinct prompt, max_tokens 32, greedy), 2 x concurrency requests per level (at least 4).
 
     python benchmarks/server_load.py --model smollm2/ [--model tiny/] [--out benchmarks/results]
+    python benchmarks/server_load.py --random-weights .gpu/decode/smollm2-135m-instruct-shape --device cuda --out $OUT
+
+`--random-weights DIR`: DIR holds a dynlm checkpoint's config.json and tokenizer files (no
+weights); the model of that exact shape is built with random weights (seed 0) and served with the
+real tokenizer and chat template: the serving cost of the shape, not the answers' quality.
+`--device cuda`: the server decodes on the GPU (CUDA graphs, the default there).
+Results merge into the files in `--out` (or, when it has none, into a copy of the committed
+`benchmarks/results/server_load.*`): rows of other models or devices are kept, a row of the same
+model, device and level is replaced.
 
 Per level: completion tokens per second over the whole level, requests per second, latency
 (request sent -> [DONE]) p50/p95 and time to first token p50/p95. With `--memory`, one more
@@ -40,13 +49,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, db: Path | None = None):
+    def __init__(self, model: str, db: Path | None = None, device: str = "cpu"):
         self.port = free_port()
         command = [sys.executable, "-m", "dynlm", "serve", "--model", model, "--name", "m", "--port", str(self.port),
-                   "--max-concurrent", "64", "--max-tokens", "64"]
+                   "--max-concurrent", "64", "--max-tokens", "64", "--device", device]
         if db is not None:
             command += ["--db", str(db), "--context-budget", "1024"]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+        path = [str(Path(__file__).parent.parent / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -120,56 +130,117 @@ async def level(server: Server, concurrency: int, prompts: list[str], users: boo
             "ttft_p50_ms": percentile(ttfts, 0.5), "ttft_p95_ms": percentile(ttfts, 0.95)}
 
 
+def random_weights_checkpoint(source: Path, directory: Path) -> Path:
+    """A checkpoint of the shape in `source`/config.json with random weights (seed 0) and the
+    tokenizer files of `source`."""
+    import torch
+
+    import dynlm
+
+    config = json.loads((source / "config.json").read_text())["dynlm"]["config"]
+    torch.manual_seed(0)
+    model = dynlm.build_model(config)
+    generation = source / "generation_config.json"
+    model.save_pretrained(directory, tokenizer=dynlm.load_tokenizer(source),
+                          generation_config=json.loads(generation.read_text()) if generation.exists() else None)
+    return directory
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"GPU: {torch.cuda.get_device_name(torch.device(device))}"
+    return environment()["device"]
+
+
+def load_previous(out: Path) -> list[dict]:
+    """Rows of the earlier results in `out` (else the committed ones, so that a run into an empty
+    folder still carries them), each with its model, device and commit (older files kept the
+    device and commit once for the whole file)."""
+    file = out / "server_load.json"
+    if not file.exists():
+        file = Path(__file__).parent / "results" / "server_load.json"
+    if not file.exists():
+        return []
+    old = json.loads(file.read_text())
+    if "rows" in old:
+        return old["rows"]
+    return [{"model": name, "device": old["device"], "commit": old["commit"], **row}
+            for name, rows in old.get("models", {}).items() for row in rows]
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    lines = ["# Server throughput and latency (loopback, bounded asyncio client)", "",
+             "Produced by `benchmarks/server_load.py` (rows of earlier runs are kept, each with its device and "
+             "commit). Streamed chat completions, distinct prompts, greedy, max_tokens 32 (fewer when the model "
+             "ends its answer); 2 x concurrency requests per level. Server CPU = user + system CPU time of the "
+             "server process per completion token (what serving costs, independent of how busy the shared "
+             "machine was); the other columns are wall clock. The server runs every model call in one worker "
+             "thread (requests interleave token by token, batch 1 per step; on a GPU each step is a CUDA-graph "
+             "replay on the request's own static cache). `-random`, `-shape-random`: random weights.", "",
+             "| model | device | concurrent streams | requests | completion tokens/s | requests/s | latency p50 ms "
+             "| latency p95 ms | first token p50 ms | first token p95 ms | server CPU ms/token | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
+        lines.append(f"| {r['model']} | {r['device']} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
+                     f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} "
+                     f"| {r['commit'] if r['commit'].startswith('no git') else r['commit'][:10]} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True,
+    parser.add_argument("--model", action="append", default=[],
                         help="checkpoint to serve (repeatable), optionally with its own levels: PATH:1,8")
+    parser.add_argument("--random-weights", action="append", default=[], type=Path,
+                        help="directory with a checkpoint's config.json + tokenizer files: serve that shape with "
+                             "random weights (repeatable)")
     parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--device", default="cpu", help="the server's device (cuda: CUDA-graph decoding)")
     parser.add_argument("--memory", action="store_true", help="also measure concurrency 1 with a memory database")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--commit", help="the commit measured, where the tree has no .git")
     args = parser.parse_args(argv)
+    if not args.model and not args.random_weights:
+        parser.error("give --model or --random-weights")
     prompts = [json.loads(line)["prompt"] for line in (DATA / "heldout.jsonl").read_text().splitlines()]
-    report = {**environment(), "max_tokens": 32, "models": {}}
-    lines = ["# Server throughput and latency (loopback, bounded asyncio client)", "",
-             "Produced by `benchmarks/server_load.py`. Streamed chat completions, distinct prompts, greedy, "
-             "max_tokens 32 (fewer when the model ends its answer); 2 x concurrency requests per level. Server CPU "
-             "= user + system CPU time of the server process per completion token (what serving costs, "
-             "independent of how busy the shared machine was); the other columns are wall clock.", "",
-             "| model | concurrent streams | requests | completion tokens/s | requests/s | latency p50 ms "
-             "| latency p95 ms | first token p50 ms | first token p95 ms | server CPU ms/token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    header = list(lines)
+    env = environment()
+    if env["commit"].startswith("no git") and args.commit:
+        env["commit"] += f"; --commit {args.commit} given by hand"
+    device = device_label(args.device)
+    rows = load_previous(args.out)
+    report = {"python": env["python"], "max_tokens": 32, "rows": rows}
 
-    def save() -> None:  # after every level: a run stopped early keeps what it measured
-        body = []
-        for name, rows in report["models"].items():
-            for r in rows:
-                label = f"{r['concurrency']}" + (" (with memory)" if r.get("memory") else "")
-                body.append(f"| {name} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
-                            f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
-                            f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} |")
-        footer = ["", f"Device: {report['device']}. Commit {report['commit']}. The server runs every model call in "
-                      "one worker thread (requests interleave token by token, batch 1 per step)."]
-        write_results(args.out, "server_load", report, header + body + footer)
+    def add(row: dict) -> None:  # replace the same model/device/level, keep the rest; save at once
+        same = [i for i, r in enumerate(rows) if (r["model"], r["device"], r["concurrency"], r.get("memory")) ==
+                (row["model"], row["device"], row["concurrency"], row.get("memory"))]
+        if same:
+            rows[same[0]] = row
+        else:
+            rows.append(row)
+        print(row, flush=True)
+        write_results(args.out, "server_load", report, markdown(rows))
 
-    for spec in args.model:
-        model, _, own_levels = spec.partition(":")
-        name = Path(model).name
-        rows = report["models"].setdefault(name, [])
-        with Server(model) as server:
-            asyncio.run(level(server, 1, prompts[100:], False))  # warm-up, not reported
-            for c in (int(x) for x in (own_levels or args.levels).split(",")):
-                rows.append(asyncio.run(level(server, c, prompts, False)))
-                print(name, rows[-1])
-                save()
-        if args.memory:
-            with tempfile.TemporaryDirectory() as tmp, Server(model, Path(tmp) / "memory.sqlite") as server:
-                asyncio.run(level(server, 1, prompts[100:], True))  # warm-up: loads MiniLM
-                row = asyncio.run(level(server, 1, prompts, True))
-                row["memory"] = True
-                rows.append(row)
-                print(name, "memory", row)
-                save()
+    with tempfile.TemporaryDirectory() as scratch:
+        specs = [(spec.partition(":")[0], Path(spec.partition(":")[0]).name, spec.partition(":")[2])
+                 for spec in args.model]
+        for source in args.random_weights:
+            path = random_weights_checkpoint(source, Path(scratch) / source.name)
+            specs.append((str(path), source.name.removesuffix("-shape") + "-shape-random", ""))
+        for model, name, own_levels in specs:
+            stamp = {"model": name, "device": device, "commit": env["commit"]}
+            with Server(model, device=args.device) as server:
+                asyncio.run(level(server, 1, prompts[100:], False))  # warm-up, not reported
+                for c in (int(x) for x in (own_levels or args.levels).split(",")):
+                    add({**stamp, **asyncio.run(level(server, c, prompts, False))})
+            if args.memory:
+                with tempfile.TemporaryDirectory() as tmp, Server(model, Path(tmp) / "memory.sqlite",
+                                                                   args.device) as server:
+                    asyncio.run(level(server, 1, prompts[100:], True))  # warm-up: loads MiniLM
+                    add({**stamp, **asyncio.run(level(server, 1, prompts, True)), "memory": True})
     return 0
 
 

@@ -46,3 +46,43 @@ def test_beam_search_rejects_bad_arguments(model):
         beam_search(model, PROMPT, num_beams=0)
     with pytest.raises(ConfigError):
         beam_search(model, [], num_beams=2)
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory, model):
+    """The module's sharpened model saved as a checkpoint, for the CLI."""
+    from dynlm.data.tokenizers import ByteTokenizer
+
+    return model.save_pretrained(tmp_path_factory.mktemp("beam_cli") / "sharp", tokenizer=ByteTokenizer())
+
+
+def test_cli_num_beams_prints_the_best_beam(sharp_checkpoint, model, capsys, monkeypatch):
+    """`dynlm generate --num-beams 4 --length-penalty 2` runs beam search with those settings and
+    prints its best hypothesis."""
+    import dynlm.infer.generate as engine
+    from dynlm.cli import main
+    from dynlm.data.tokenizers import ByteTokenizer
+
+    expected = engine.beam_generate(model, ByteTokenizer(), "Hi!", num_beams=4, max_new_tokens=8, length_penalty=2.0,
+                                    chat=False)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[2:5])  # num_beams, max_new_tokens, length_penalty
+        return beam_search(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "beam_search", recording)
+    assert main(["generate", "--model", str(sharp_checkpoint), "--prompt", "Hi!", "--raw", "--max-new-tokens", "8",
+                 "--num-beams", "4", "--length-penalty", "2"]) == 0
+    assert calls == [(4, 8, 2.0)]
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("extra,message", [(["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+                                           (["--num-beams", "2", "--temperature", "0.7"], "does not combine with"),
+                                           (["--length-penalty", "2"], "applies to beam search")])
+def test_cli_beam_options_are_checked(sharp_checkpoint, capsys, extra, message):
+    from dynlm.cli import main
+
+    assert main(["generate", "--model", str(sharp_checkpoint), "--prompt", "hi", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -10,7 +10,8 @@ import torch
 
 import dynlm
 from dynlm.errors import ContextLengthError
-from dynlm.infer.generate import generate_ids
+from dynlm.infer import graphs
+from dynlm.infer.generate import generate_ids, iter_token_steps
 from dynlm.infer.graphs import batch_bucket, graph_decoder
 from dynlm.nn import Attention, KVCache, RotaryEmbedding
 from dynlm.nn.attention import grouped_query_attention
@@ -170,3 +171,94 @@ def test_kept_decoder_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_attend_bucket_covers_every_filled_position():
+    assert [graphs.attend_bucket(p, 1024) for p in (0, 255, 256, 511, 512, 1000)] == [256, 256, 512, 512, 1024, 1024]
+    assert graphs.attend_bucket(300, 320) == 320  # never past the buffer
+
+
+def _decode_with(decoder: graphs.GraphDecoder, prompts: torch.Tensor, new_tokens: int, room: int) -> torch.Tensor:
+    """Greedy tokens from a GraphDecoder, the cache allocated with `room` positions to spare."""
+    tokens = [decoder.prefill(prompts, room).argmax(-1)]
+    for _ in range(new_tokens - 1):
+        tokens.append(decoder.step(tokens[-1]).argmax(-1))
+    return torch.cat([prompts, torch.stack(tokens, 1)], dim=1)
+
+
+def test_length_buckets_attend_over_the_filled_prefix_and_keep_the_tokens(monkeypatch):
+    """With small buckets the steps cross three of them (8, 16, 32 slots of a 64-slot cache) and
+    still give the eager path's greedy tokens; each step reads only its bucket."""
+    monkeypatch.setattr(graphs, "MIN_ATTEND", 8)
+    monkeypatch.setattr(graphs, "CAPACITY_MULTIPLE", 64)
+    model = dynlm.build_model("mod-tiny", vocab_size=97).eval()  # routed: the validity marks are sliced too
+    prompts = torch.randint(0, 97, (3, 5))
+    eager = generate_ids(model, prompts, max_new_tokens=20, graphs=False)
+    decoder = graphs.GraphDecoder(model)
+    seen = []
+    update = StaticLayerKVCache.update
+
+    def recording_update(self, k, v, valid=None, window=None):
+        keys = update(self, k, v, valid, window)
+        if k.shape[2] == 1:
+            seen.append(keys[0].shape[2])
+        return keys
+
+    monkeypatch.setattr(StaticLayerKVCache, "update", recording_update)
+    assert torch.equal(_decode_with(decoder, prompts, 20, 40), eager)
+    assert decoder.session.state.layers[0].k.shape[2] == 64
+    assert sorted(set(seen)) == [8, 16, 32]
+
+
+@pytest.mark.slow  # dynamo's tracing takes ~15 s on a loaded 2-core machine
+def test_compiled_step_traces_once_per_bucket_and_keeps_the_tokens():
+    """The step under `torch.compile` (dynamo's tracing; the eager backend keeps the test fast on
+    a CPU) gives the eager tokens, and the host counters do not make it recompile per position."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    prompts = torch.randint(0, 97, (2, 6))
+    eager = generate_ids(model, prompts, max_new_tokens=10, graphs=False)
+    decoder = graphs.GraphDecoder(model, compile="default", compile_backend=counter)
+    assert torch.equal(_decode_with(decoder, prompts, 10, 10), eager)
+    assert counter.frame_count == 1  # one bucket, one trace (not one per position)
+    assert decoder.session.state.layers[0].length == decoder.session.state.position == 15
+
+
+def test_interleaved_generations_keep_their_own_static_caches():
+    """Two generations advanced token by token in turn (what the server does with concurrent
+    requests) on the static cache: each gives its own eager tokens; the sessions are reused after."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    a, b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 6))
+    steps_a = iter_token_steps(model, a, 10, graphs=True)
+    steps_b = iter_token_steps(model, b, 10, graphs=True)
+    tokens_a, tokens_b = [], []
+    for _ in range(10):
+        tokens_a.append(next(steps_a))
+        tokens_b.append(next(steps_b))
+    for steps in (steps_a, steps_b):
+        assert next(steps, None) is None  # finished: the session is released
+    assert torch.equal(torch.cat([a, torch.stack(tokens_a, 1)], 1), generate_ids(model, a, 10, graphs=False))
+    assert torch.equal(torch.cat([b, torch.stack(tokens_b, 1)], 1), generate_ids(model, b, 10, graphs=False))
+    decoder = graph_decoder(model)
+    assert len(decoder.sessions) == 2 and not any(s.busy for s in decoder.sessions)
+    generate_ids(model, a, 10, graphs=True)
+    assert len(decoder.sessions) == 2  # reused, not a third
+
+
+def test_exclusive_sessions_are_not_reset_by_another_prefill():
+    """Logits of a session stepped after another prompt was prefilled equal the eager logits of
+    its own prompt (a shared session would continue the other prompt)."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    a, b = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (1, 9))
+    decoder = graphs.GraphDecoder(model)
+    decoder.prefill(a, 4, exclusive=True)
+    session_a = decoder.session
+    decoder.prefill(b, 4, exclusive=True)
+    assert decoder.session is not session_a
+    token = torch.tensor([5])
+    with torch.no_grad():
+        expected = model(torch.cat([a, token[:, None]], 1)).logits[:, -1]
+        torch.testing.assert_close(decoder.step(token, session_a), expected, atol=1e-5, rtol=1e-4)

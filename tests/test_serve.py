@@ -253,3 +253,17 @@ def test_chat_page_is_served(live):
 def test_bad_completion_requests(live, body, param):
     r = httpx.post(live.url + "/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_completion_with_beam_search(client, checkpoint):
+    """`num_beams` (through the client's extra_body) answers with the engine's best beam; with
+    sampling or streaming it is a 400."""
+    from dynlm.infer.generate import beam_generate
+
+    model, tok = dynlm.load_pretrained(checkpoint), dynlm.load_tokenizer(checkpoint)
+    expected = beam_generate(model, tok, "Once upon", num_beams=3, max_new_tokens=6, length_penalty=0.5, chat=False)
+    answer = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0,
+                                       extra_body={"num_beams": 3, "length_penalty": 0.5})
+    assert answer.choices[0].text == expected
+    with pytest.raises(openai.BadRequestError, match="num_beams"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0.8, extra_body={"num_beams": 2})

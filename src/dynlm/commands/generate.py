@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (deterministic; 1 = off, the default)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: score = sum log p / length ** this (> 0 favours longer answers)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int)
     chat = p.add_mutually_exclusive_group()
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     import dynlm
     from dynlm.distributed import resolve_device
-    from dynlm.infer.generate import generate, stream_generate
+    from dynlm.infer.generate import beam_generate, generate, stream_generate
     from dynlm.interop import resolve_named_source
 
     prompts = list(args.prompt)
@@ -77,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no prompt given", "use --prompt TEXT or --prompt-file FILE")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise ConfigError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams > 1:
+        sampling = {"--temperature": args.temperature != 0.0, "--top-k": args.top_k != 0, "--top-p": args.top_p != 1.0,
+                    "--min-p": args.min_p != 0.0, "--repetition-penalty": args.repetition_penalty != 1.0,
+                    "--engine layered": args.engine == "layered"}
+        given = [name for name, on in sampling.items() if on]
+        if given:
+            raise ConfigError(f"--num-beams {args.num_beams} does not combine with {given[0]}",
+                              "beam search is deterministic: drop the sampling options")
+    elif args.length_penalty != 1.0:
+        raise ConfigError("--length-penalty applies to beam search", "add --num-beams 2 or more")
     if args.engine == "layered":
         return run_layered(args, prompts)
     if args.max_gpu_memory or args.int8:
@@ -92,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed, chat=chat,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, graphs=False if args.no_graphs else None)
-    if len(prompts) == 1 and not args.no_stream:
+    if args.num_beams > 1:
+        answers = [beam_generate(model, tokenizer, prompt, args.num_beams, args.max_new_tokens, args.length_penalty,
+                                 args.stop, chat) for prompt in prompts]
+        for prompt, answer in zip(prompts, answers):
+            print(answer if len(prompts) == 1 else f"### {prompt}\n{answer}\n")
+    elif len(prompts) == 1 and not args.no_stream:
         answers = [""]
         for piece in stream_generate(model, tokenizer, prompts[0], **options):
             answers[0] += piece

@@ -67,6 +67,7 @@ def iter_token_steps(
                                  f"max_position_embeddings {limit}", "shorten the prompt or lower max_new_tokens")
     was_training = model.training
     model.eval()
+    session = None  # the graph decoder's session this generation holds
     try:
         device = _device_of(model)
         input_ids = input_ids.to(device)
@@ -79,7 +80,9 @@ def iter_token_steps(
         done = torch.zeros(b, dtype=torch.bool, device=device)
         decoder = graph_decoder(model) if (graphs_by_default(model) if graphs is None else graphs) else None
         if decoder is not None:
-            logits = decoder.prefill(input_ids, max_new_tokens)
+            # exclusive: another generation interleaved with this one (a server) gets its own cache
+            logits = decoder.prefill(input_ids, max_new_tokens, exclusive=True)
+            session = decoder.session
         else:
             state = model.init_state(b, device=device, max_length=t + max_new_tokens)
             out = model(input_ids, state=state)
@@ -96,11 +99,13 @@ def iter_token_steps(
                 return
             context = torch.cat([context, next_ids[:, None]], dim=1)
             if decoder is not None:
-                logits = decoder.step(next_ids)
+                logits = decoder.step(next_ids, session)
             else:
                 out = model(next_ids[:, None], state=out.state)
                 logits = out.logits[:, -1]
     finally:
+        if session is not None:
+            decoder.release(session)
         model.train(was_training)
 
 
@@ -304,3 +309,17 @@ def beam_search(model: torch.nn.Module, prompt_ids: Sequence[int], num_beams: in
         return finished
     finally:
         model.train(was_training)
+
+
+def beam_generate(model: torch.nn.Module, tokenizer: Any, prompt: str, num_beams: int = 4, max_new_tokens: int = 32,
+                  length_penalty: float = 1.0, stop: Sequence[str] = (), chat: bool | None = None,
+                  early_stopping: bool = False) -> str:
+    """The best `beam_search` continuation of one prompt as text: EOS dropped, cut at the first
+    stop string."""
+    hypotheses = beam_search(model, encode_prompt(tokenizer, prompt, chat), num_beams, max_new_tokens,
+                             length_penalty, list(tokenizer.eos_ids), early_stopping)
+    ids = hypotheses[0].ids
+    eos = set(tokenizer.eos_ids)
+    ids = ids[:-1] if ids and ids[-1] in eos else ids
+    return _trim(tokenizer.decode(ids), stop)[0]
+

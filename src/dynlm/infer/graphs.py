@@ -11,7 +11,9 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
 
 - Graphs are kept per batch-size bucket (the next power of two: rows are padded with token 0,
   every row is independent, padded rows are dropped) and per cache length (rounded up), at most
-  MAX_SESSIONS of them per model.
+  MAX_SESSIONS idle ones per model (`max_idle_sessions`). A session in use (between `prefill`
+  and `release`) is never shared: concurrent generations (a server interleaving requests token by
+  token) each get their own static cache, passing the session that `prefill` returned to `step`.
 - The prompt is prefilled eagerly in chunks of `prefill_chunk` tokens.
 - Routed layers (MoD, DTF) run the causal router inside the graph: a token that skips a layer
   leaves the layer's output unchanged and its key is marked invalid, so shapes stay static.
@@ -19,8 +21,16 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
   dict-of-tensor fields of the state) are copied back into fixed buffers inside the graph. While
   their shapes still change from step to step (a history shorter than its window) the step runs
   eagerly; the graph is captured at the first step that leaves every shape unchanged.
+- Length buckets (`length_buckets`, on by default): a step attends only over the first n slots
+  of the cache, n the next power of two above the filled positions (at least MIN_ATTEND, at most
+  the capacity), instead of the whole buffer; one graph per (batch bucket, capacity, n). At a
+  context of 4K in a 16K cache a step reads a quarter of the keys.
+- `compile` (a `torch.compile` mode, "default" or "max-autotune-no-cudagraphs"): the step is
+  compiled with inductor first and the compiled step is what the graph captures, so a replay
+  runs fused kernels (RMSNorm, RoPE, residuals, the mask and softmax) instead of ~55 small ones a
+  layer. Each graph shape compiles once (tens of seconds for a 24-layer model).
 - The eager path (`model(ids, state=...)` with the growable cache) is the reference: greedy
-  decoding gives the same tokens (`tests/test_gpu.py`).
+  decoding gives the same tokens (`tests/test_gpu_graphs.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
 
 CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengths share graphs
-MAX_SESSIONS = 4  # static caches (and their graphs) kept per model; the oldest is dropped first
+MAX_SESSIONS = 4  # idle static caches (and their graphs) kept per model; the oldest is dropped first
+MIN_ATTEND = 256  # the smallest length bucket a step attends over
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # modes that leave graph capture to us
 
 
 def supports_static_cache(model: torch.nn.Module) -> bool:
@@ -67,6 +79,17 @@ def static_state(model: TransformerLM, batch_size: int, capacity: int,
     return state
 
 
+def attend_bucket(next_position: int, slots: int) -> int:
+    """Slots a step at `next_position` attends over: the next power of two above it (so it
+    covers positions 0..next_position), at least MIN_ATTEND, at most `slots`."""
+    return min(slots, max(MIN_ATTEND, 1 << next_position.bit_length()))
+
+
+def _decode_logits(model: TransformerLM, ids: torch.Tensor, state: KVCache) -> torch.Tensor:
+    """The one-token step: logits [B, V] (the function `compile` compiles)."""
+    return model(ids, state=state).logits[:, -1]
+
+
 def _replaced_tensors(state: Any) -> dict[tuple[str, Any], torch.Tensor]:
     """Tensors a step replaces instead of updating in place: the values of dict fields."""
     found = {}
@@ -86,9 +109,12 @@ class _Session:
 
     state: KVCache
     ids: torch.Tensor  # [bucket, 1] the step's input
-    graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None  # [bucket, V] the graph's output
-    signature: tuple = ()
+    graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
+    # ^ per attended length (None: the whole buffer): the graph and its output logits [bucket, V]
+    signature: tuple | None = None  # the replaced tensors' shapes every graph was captured with
+    key: tuple[int, int] = (0, 0)  # (batch bucket, capacity)
+    batch_size: int = 0  # rows in use
+    busy: bool = False  # a generation is using it (between prefill and release)
     buffers: dict[tuple[str, Any], torch.Tensor] = field(default_factory=dict)  # replaced tensors, fixed
 
 
@@ -97,16 +123,32 @@ class GraphDecoder:
     CUDA (see the module doc). Elsewhere (`capture` False) the steps run eagerly on the same
     preallocated buffers: no allocation per token."""
 
-    def __init__(self, model: TransformerLM, prefill_chunk: int = 512):
+    def __init__(self, model: TransformerLM, prefill_chunk: int = 512, compile: str | None = None,
+                 length_buckets: bool = True, compile_backend: str = "inductor"):
         if not supports_static_cache(model):
             raise TypeError(f"{type(model).__name__} has no KV cache to make static")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode {compile!r} is not one of {', '.join(COMPILE_MODES)} (the modes that "
+                             "leave CUDA graphs to this decoder)")
         self._model = weakref.ref(model)  # the per-model cache below must not keep the model alive
         self.prefill_chunk = prefill_chunk
+        self.length_buckets = length_buckets
+        self.compile = compile
+        self._step_fn = _decode_logits
+        if compile is not None:
+            import torch._dynamo
+
+            # one compilation per graph shape (batch bucket, capacity, attended length)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 256)
+            self._step_fn = torch.compile(_decode_logits, mode=None if compile == "default" else compile,
+                                          dynamic=False, backend=compile_backend)
         self.capture = next(model.parameters()).device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.sessions: dict[tuple[int, int], _Session] = {}
-        self.session: _Session | None = None
-        self.batch_size = 0
+        self.sessions: list[_Session] = []  # oldest first
+        self.session: _Session | None = None  # the latest prefilled: `step`'s default
+        self.max_idle_sessions = MAX_SESSIONS
         self.eager_steps = 0  # decode steps run eagerly (before a graph could be captured)
         self.graph_steps = 0  # decode steps replayed from a graph
         self.captures = 0
@@ -123,23 +165,40 @@ class GraphDecoder:
         self.sessions.clear()
         self.session = None
 
+    def release(self, session: _Session) -> None:
+        """The generation that prefilled `session` with `exclusive=True` is over: the session may
+        be reused (or dropped when too many are idle)."""
+        session.busy = False
+        self._trim(self.max_idle_sessions)
+
+    def _trim(self, keep: int) -> None:
+        idle = [s for s in self.sessions if not s.busy]
+        for old in idle[: max(0, len(idle) - keep)]:
+            self.sessions.remove(old)
+
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, max_new_tokens: int, exclusive: bool = False) -> torch.Tensor:
         """Start decoding rows `input_ids` [B, T] with room for `max_new_tokens`: returns the
-        logits [B, V] at the last prompt position."""
+        logits [B, V] at the last prompt position; the session used is `self.session`.
+        `exclusive`: no other prefill may take this session until `release(session)` (for
+        generations that run interleaved)."""
         b, t = input_ids.shape
         bucket = batch_bucket(b)
         limit = self.model.config.max_position_embeddings
         capacity = -(-(t + max_new_tokens) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         capacity = max(t + max_new_tokens, min(capacity, limit))
         key = (bucket, capacity)
-        if key not in self.sessions:
-            while len(self.sessions) >= MAX_SESSIONS:
-                self.sessions.pop(next(iter(self.sessions)))
+        session = next((s for s in self.sessions if s.key == key and not s.busy), None)
+        if session is None:
+            self._trim(self.max_idle_sessions - 1)  # room for the new one
             device = self.model.lm_head.weight.device
-            self.sessions[key] = _Session(static_state(self.model, bucket, capacity),
-                                          torch.zeros(bucket, 1, dtype=torch.long, device=device))
-        session = self.sessions[key]
+            session = _Session(static_state(self.model, bucket, capacity),
+                               torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
+            self.sessions.append(session)
+        else:  # most recently used last
+            self.sessions.remove(session)
+            self.sessions.append(session)
+        session.busy = exclusive
         state = session.state
         for layer in state.layers:
             layer.reset()
@@ -150,31 +209,42 @@ class GraphDecoder:
         ids = input_ids.to(session.ids.device)
         if bucket > b:
             ids = torch.cat([ids, ids.new_zeros(bucket - b, t)])
-        self.session, self.batch_size = session, b
+        self.session, session.batch_size = session, b
         for chunk in ids.split(self.prefill_chunk, dim=1):
             logits = self.model(chunk, state=state).logits[:, -1]
         return logits[:b]
 
     @torch.no_grad()
-    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (`next_ids` [B]); returns the logits [B, V] (a view of the
-        graph's output buffer: read it before the next step)."""
-        session = self.session
+    def step(self, next_ids: torch.Tensor, session: _Session | None = None) -> torch.Tensor:
+        """Feed one token per row (`next_ids` [B]) to `session` (default: the latest prefilled);
+        returns the logits [B, V] (a view of the graph's output buffer: read it before the next
+        step of this session)."""
+        session = session or self.session
         if session is None:
             raise RuntimeError("call prefill() before step()")
-        b = self.batch_size
+        b = session.batch_size
         session.ids[:b, 0].copy_(next_ids)
-        signature = _signature(session.state)
-        if session.graph is not None and signature == session.signature:
+        state = session.state
+        attend = None
+        if self.length_buckets:
+            attend = attend_bucket(state.layers[0].length, state.layers[0].max_length)
+        for layer in state.layers:
+            layer.attend = attend
+        signature = _signature(state)
+        captured = session.graphs.get(attend)
+        if captured is not None and signature == session.signature:
             self._load_buffers(session)
-            session.graph.replay()
-            self._advance(session.state)
+            captured[0].replay()
+            self._advance(state)
             self.graph_steps += 1
-            return session.logits[:b]
-        logits = self.model(session.ids, state=session.state).logits[:, -1]
+            return captured[1][:b]
+        logits = self._step_fn(self.model, session.ids, state)
+        if self.compile is not None:  # the compiled step leaves the host counters to us
+            self._advance(state)
         self.eager_steps += 1
-        if self.capture and session.graph is None and _signature(session.state) == signature:
-            self._capture(session, signature)
+        if (self.capture and _signature(state) == signature
+                and (session.signature is None or session.signature == signature)):
+            self._capture(session, signature, attend)
         return logits[:b]
 
     # -- internals ------------------------------------------------------------------------------
@@ -193,7 +263,7 @@ class GraphDecoder:
         for layer in state.layers:
             layer.length += 1
 
-    def _capture(self, session: _Session, signature: tuple) -> None:
+    def _capture(self, session: _Session, signature: tuple, attend: int | None) -> None:
         state = session.state
         session.buffers = {key: t.clone() for key, t in _replaced_tensors(state).items()}
         self._load_buffers(session)
@@ -202,7 +272,7 @@ class GraphDecoder:
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(session.ids, state=state).logits[:, -1]
+            logits = self._step_fn(self.model, session.ids, state)
             for (name, key), buffer in session.buffers.items():
                 buffer.copy_(getattr(state, name)[key])
         # capture recorded the step without running it: undo its host-side effects
@@ -211,11 +281,12 @@ class GraphDecoder:
         for layer, length in zip(state.layers, lengths):
             layer.length = length
         state.position = position
-        session.graph, session.logits, session.signature = graph, logits, signature
+        session.graphs[attend], session.signature = (graph, logits), signature
         self.captures += 1
 
 
-_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, GraphDecoder]] = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str | None, tuple[tuple, GraphDecoder]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _parameter_key(model: torch.nn.Module) -> tuple:
@@ -223,12 +294,14 @@ def _parameter_key(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t.dtype) for t in list(model.parameters()) + list(model.buffers()))
 
 
-def graph_decoder(model: TransformerLM) -> GraphDecoder:
-    """The model's `GraphDecoder`, kept between calls while its parameters stay where they are."""
+def graph_decoder(model: TransformerLM, compile: str | None = None) -> GraphDecoder:
+    """The model's `GraphDecoder` (one per compile mode), kept between calls while its parameters
+    stay where they are."""
     key = _parameter_key(model)
-    cached = _DECODERS.get(model)
+    decoders = _DECODERS.setdefault(model, {})
+    cached = decoders.get(compile)
     if cached is not None and cached[0] == key:
         return cached[1]
-    decoder = GraphDecoder(model)
-    _DECODERS[model] = (key, decoder)
+    decoder = GraphDecoder(model, compile=compile)
+    decoders[compile] = (key, decoder)
     return decoder

@@ -102,7 +102,7 @@ class TransformerLM(DynModel):
         cos, sin = self.rotary(positions, x.dtype)  # [T, D]
         x, extras = self.run_layers(x, cos, sin, positions, state)
         h = self.model.norm(x)
-        if state is not None:
+        if state is not None and not torch.compiler.is_compiling():  # a compiled step's caller advances it
             state.position += t
         if labels is not None and self.fused_loss and torch.is_grad_enabled():
             logits = None

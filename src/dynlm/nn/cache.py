@@ -178,6 +178,9 @@ class StaticLayerKVCache:
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
         self.length = 0  # host copy of `cursor`; a graph replay leaves it to the caller
         self.masked = False  # True once some key was marked invalid (routed layers)
+        # Slots a one-token step attends over: None = all; n = the first n (the caller keeps n
+        # above every filled position, e.g. a length bucket), so attention skips empty slots.
+        self.attend: int | None = None
 
     @classmethod
     def from_tensors(cls, k: torch.Tensor, v: torch.Tensor, cursor: torch.Tensor, valid: torch.Tensor | None = None,
@@ -211,6 +214,7 @@ class StaticLayerKVCache:
         self.cursor.zero_()
         self.length = 0
         self.masked = False
+        self.attend = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
                window: int | None = None) -> CacheUpdate:
@@ -219,7 +223,10 @@ class StaticLayerKVCache:
         followed by the chunk. Key validity is kept only once a caller has passed some (a routed
         layer passes it at every call), so a dense layer's step does no validity work."""
         t = k.shape[2]
-        if self.length + t > self.max_length:
+        # Host bookkeeping stays out of a compiled step (its value would specialise the compiled
+        # code, one recompilation per position); the compiled step's caller advances `length`.
+        host = not torch.compiler.is_compiling()
+        if host and self.length + t > self.max_length:
             raise ContextLengthError(f"position {self.length + t} is past the allocated cache length "
                                      f"{self.max_length}")
         q_pos = self.cursor + torch.arange(t, device=k.device)  # [T]
@@ -243,10 +250,13 @@ class StaticLayerKVCache:
             self.valid.index_copy_(1, index, valid)
         self.slot_positions.index_copy_(0, index, written)
         self.cursor.add_(t)
-        self.length += t
+        if host:
+            self.length += t
         if result is not None:
             return result
-        return self.k, self.v, q_pos, self.slot_positions, self.valid if self.masked else None
+        n = self.attend if t == 1 and not self.ring and self.attend is not None else self.slot_positions.shape[0]
+        return (self.k[:, :, :n], self.v[:, :, :n], q_pos, self.slot_positions[:n],
+                self.valid[:, :n] if self.masked else None)
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

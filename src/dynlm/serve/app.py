@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from dynlm.errors import DynlmError
-from dynlm.infer.generate import DecodeStep, stream_decode, token_logprobs
+from dynlm.infer.generate import DecodeStep, beam_search, stream_decode, token_logprobs
+from dynlm.infer.graphs import graph_decoder, graphs_by_default
 from dynlm.serve.deployment import Deployment, Expert
 
 CONVERSATION_HEADER = "x-dynlm-conversation"
@@ -87,6 +88,8 @@ class CompletionBody(_Body):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    num_beams: int = Field(1, ge=1, le=16)  # beam search (not in OpenAI's API; the client's extra_body)
+    length_penalty: float = 1.0
 
 
 class ContentPart(BaseModel):
@@ -167,6 +170,10 @@ class Server:
         self.limits = limits
         self.worker = Worker()
         self.active = 0
+        for expert in deployment.experts.values():  # every admitted request may hold a static cache
+            if graphs_by_default(expert.model):
+                decoder = graph_decoder(expert.model)
+                decoder.max_idle_sessions = max(decoder.max_idle_sessions, limits.max_concurrent)
         self.started = time.time()
 
     # -- admission and validation -----------------------------------------------------------------
@@ -320,10 +327,40 @@ def create_app(deployment: Deployment, limits: ServeLimits | None = None) -> Fas
             raise APIError(400, "echo is not supported", "echo")
         if body.stream and body.logprobs is not None:
             raise APIError(400, "logprobs are returned for non-streamed completions only", "logprobs")
+        if body.num_beams > 1 and (body.stream or body.logprobs is not None or body.temperature != 0):
+            raise APIError(400, "num_beams > 1 is deterministic and not streamed: it needs temperature 0, no "
+                                "stream and no logprobs", "num_beams")
+        if body.num_beams == 1 and body.length_penalty != 1.0:
+            raise APIError(400, "length_penalty applies to beam search (num_beams > 1)", "length_penalty")
         expert, reason = _choose(body, prompts[0])
         prompt_ids = expert.encode_text(prompts[0])
         job = server.job(body, expert, prompt_ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
+        if body.num_beams > 1:
+            return await _beam_respond(body, job, reason)
         return await _respond(request, body, job, reason, chat=False)
+
+    async def _beam_respond(body: CompletionBody, job: _Job, reason: str) -> JSONResponse:
+        """The best beam as one text completion."""
+        server.admit()
+        try:
+            tokenizer = job.expert.tokenizer
+            eos = list(tokenizer.eos_ids)
+            best = (await server.worker.call(lambda: beam_search(job.expert.model, job.prompt_ids, body.num_beams,
+                                                                 job.max_tokens, body.length_penalty, eos)))[0]
+        finally:
+            server.release()
+        ids = best.ids[:-1] if best.ids and best.ids[-1] in eos else best.ids
+        text = tokenizer.decode(ids)
+        cut = min((i for s in job.stop if (i := text.find(s)) >= 0), default=-1)
+        finish = "stop" if cut >= 0 or len(ids) < len(best.ids) else "length"
+        choice = {"index": 0, "text": text if cut < 0 else text[:cut], "finish_reason": finish, "logprobs": None}
+        n = len(best.ids)
+        return JSONResponse({"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
+                             "created": int(time.time()), "model": job.expert.name, "expert": job.expert.name,
+                             "route": reason, "choices": [choice],
+                             "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,
+                                       "total_tokens": len(job.prompt_ids) + n}},
+                            headers={EXPERT_HEADER: job.expert.name})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Any:
