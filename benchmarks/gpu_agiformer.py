@@ -92,13 +92,14 @@ def kernel_variants(chunks: list[int], modes: list[str], cuda: bool) -> list[dic
     """Our fast variants, most informative first (a time budget may cut the tail): eager, then
     each compile mode at each chunk length, then CUDA-graph captures of the default compile."""
     variants = [{"name": f"eager c{chunks[0]}", "chunk": chunks[0], "mode": None, "graph": False}]
+    captures = []  # last: a failed capture can leave the CUDA context unusable for what follows
     for mode in modes:
         for chunk in chunks:
             variants.append({"name": f"compile {mode} c{chunk}", "chunk": chunk, "mode": mode, "graph": False})
             if cuda and mode == "default":
-                variants.append({"name": f"compile default + CUDA graph c{chunk}", "chunk": chunk, "mode": mode,
+                captures.append({"name": f"compile default + CUDA graph c{chunk}", "chunk": chunk, "mode": mode,
                                  "graph": True})
-    return variants
+    return variants + captures
 
 
 def _compiled(mode: str | None, cache: dict[str | None, Any]) -> Any:

@@ -46,11 +46,17 @@ def tree_id(directory: Path) -> str:
 
 
 def commit(given: str | None = None) -> str:
+    """HEAD where git's HEAD holds exactly the `src/` being run; otherwise (no git, a stale .git as
+    on a copied tree, or local edits) the tree id of `src/` computed from the files, with the
+    hand-given commit beside it."""
+    src = tree_id(ROOT / "src")
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+        if git("rev-parse", "HEAD:src") == src:
+            return git("rev-parse", "HEAD")
     except (OSError, subprocess.CalledProcessError):
-        label = f"no git; src tree {tree_id(ROOT / 'src')} (= git rev-parse COMMIT:src)"
-        return label + (f"; --commit {given} given by hand" if given else "")
+        pass
+    label = f"src tree {src} (= git rev-parse COMMIT:src)"
+    return label + (f"; --commit {given} given by hand" if given else "")

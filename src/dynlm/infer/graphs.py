@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._dynamo  # its config: recompile limits for the compiled step
 
 from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
@@ -136,8 +137,6 @@ class GraphDecoder:
         self.compile = compile
         self._step_fn = _decode_logits
         if compile is not None:
-            import torch._dynamo
-
             # one compilation per graph shape (batch bucket, capacity, attended length)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             torch._dynamo.config.accumulated_recompile_limit = max(
