@@ -92,7 +92,7 @@ def pinned_bandwidth(device: torch.device, nbytes: int) -> float | None:
 
 
 def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, steps: int, vocab: int,
-                warmup: int = 1, **overrides: Any) -> dict[str, Any]:
+                warmup: int = 1, profile: bool = False, **overrides: Any) -> dict[str, Any]:
     torch.manual_seed(0)
     model = dynlm.build_model(preset, vocab_size=vocab, **overrides).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -111,6 +111,11 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     result = {"preset": preset, "parameters": model.num_parameters(), "batch": batch, "seq_len": seq_len,
               "steps_timed": steps, "seconds_per_step": seconds, "tokens_per_s": batch * seq_len / seconds,
               "loss": float(out.loss), "peak_bytes": peak(device), **overrides}
+    if profile:
+        try:
+            result["profile"] = profile_step(step, x, device)
+        except Exception as e:  # the speed stands without its profile
+            result["profile"] = {"error": error_text(e)}
     del model, opt, step
     gc.collect()
     return result
@@ -227,21 +232,11 @@ def layered_vs_accelerate(preset: str, device: torch.device, cap: int, new_token
 # speed: training tokens/s and where the time goes
 
 
-def profile_step(preset: str, device: torch.device, batch: int, seq_len: int, vocab: int,
-                 **overrides: Any) -> dict[str, Any]:
-    """One training step under torch.profiler (after two warm-up steps): kernels launched per token,
-    GPU busy time vs wall time, and the CPU ops that took the most time."""
+def profile_step(step: TrainStep, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """One more training step under torch.profiler: kernels launched per token, GPU busy time vs
+    wall time, and the CPU ops that took the most time."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = dynlm.build_model(preset, vocab_size=vocab, **overrides).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    step = TrainStep(model, model, opt, device, dtype, clip=1.0)
-    x = torch.randint(0, vocab, (batch, seq_len), device=device)
-    for _ in range(3 if overrides.get("compile_mode") == "reduce-overhead" else 2):
-        step([x])
-    sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t = time.perf_counter()
@@ -254,15 +249,13 @@ def profile_step(preset: str, device: torch.device, batch: int, seq_len: int, vo
     launches = sum(e.count for e in device_events)
     cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                      key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-    tokens = batch * seq_len
-    result = {"preset": preset, **overrides, "wall_seconds": wall, "device_busy_seconds": busy_us / 1e6,
-              "device_busy_share": busy_us / 1e6 / wall if device.type == "cuda" else None,
-              "kernels_per_token": launches / tokens if device.type == "cuda" else None,
-              "top_cpu_ops": [{"op": e.key, "calls_per_token": e.count / tokens,
-                               "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
-    del model, opt, step
-    gc.collect()
-    return result
+    tokens = x.numel()
+    cuda = device.type == "cuda"
+    return {"wall_seconds": wall, "device_busy_seconds": busy_us / 1e6,
+            "device_busy_share": busy_us / 1e6 / wall if cuda else None,
+            "kernels_per_token": launches / tokens if cuda else None,
+            "top_cpu_ops": [{"op": e.key, "calls_per_token": e.count / tokens,
+                             "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
 
 
 def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]) -> None:
@@ -273,7 +266,7 @@ def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]
         try:
             warm = 3 if overrides.get("compile_mode") == "reduce-overhead" else 1
             rows.append(train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"],
-                                    warmup=warm, **overrides))
+                                    warmup=warm, profile=True, **overrides))
         except Exception as e:  # one failing variant is reported; the others still run
             rows.append({"preset": preset, **overrides, "error": error_text(e)})
         log(f"speed: {rows[-1]}")
@@ -281,13 +274,6 @@ def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]
                   key=lambda r: r["tokens_per_s"], default=None)
     report["thl_fastest"] = None if fastest is None else {
         k: fastest[k] for k in ("compile_step", "compile_mode") if k in fastest}
-    profiles = report.setdefault("profile", [])
-    for preset, overrides in [(cfg["std"], {}), (cfg["thl"], {}), (cfg["thl"], report["thl_fastest"] or {})]:
-        try:
-            profiles.append(profile_step(preset, device, cfg["batch"], cfg["seq"], cfg["vocab"], **overrides))
-        except Exception as e:
-            profiles.append({"preset": preset, **overrides, "error": error_text(e)})
-        log(f"profile: {profiles[-1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +301,16 @@ def materialise_pinned(model: nn.Module, build_device: torch.device, dtype: torc
                 done[id(param)] = nn.Parameter(host, requires_grad=False)
                 del value
             module._parameters[name] = done[id(param)]
+
+
+def enforce_cap(device: torch.device, cap: int | None) -> None:
+    """Cap everything the process allocates on the GPU (not only the weights) at `cap` bytes; None
+    lifts the cap. The weights are built before: drawing them on the GPU is not part of decoding."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, device)
 
 
 def empty_host_cache() -> None:
@@ -384,9 +380,6 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
     headroom = cfg["headroom7b"]
     section = report.setdefault("7b", {"cap_bytes": cap, "headroom_bytes": headroom, "rows": [],
                                        "pinned_gb_per_s": report.get("pinned_gb_per_s")})
-    if cuda:  # the cap is enforced on everything the process allocates, not only on the weights
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
     llama = model_config(dict(type="standard", **cfg["llama7b"]))
     section["llama2_7b_kv_bytes_8k_batch1"] = kv_bytes(llama, 1, 8192)
     try:
@@ -409,6 +402,7 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                 model.save_pretrained(ckpt)
                 info["save_seconds"] = time.perf_counter() - t0
             section.setdefault("models", []).append(info)
+            enforce_cap(device, cap)
             engine = LayeredEngine(model, device=device, max_gpu_memory=cap, dtype=dtype)
             for batch, context in runs:
                 row = {"model": name, "source": "pinned host memory", "batch": batch, "context": context}
@@ -430,10 +424,12 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
             del engine, model
             gc.collect()
             empty_host_cache()
+            enforce_cap(device, None)
             if ckpt is not None:
                 row = {"model": name, "source": "memory-mapped safetensors on disk", "batch": 1,
                        "context": cfg["mmap_context"]}
                 try:
+                    enforce_cap(device, cap)
                     engine = LayeredEngine.from_checkpoint(ckpt, device=device, max_gpu_memory=cap, dtype=dtype)
                     model = engine.model
                     state_bytes = model.state_nbytes(model.init_state(1, device="meta", dtype=dtype,
@@ -449,9 +445,7 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                 shutil.rmtree(ckpt, ignore_errors=True)
                 gc.collect()
     finally:
-        if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-            torch.cuda.empty_cache()
+        enforce_cap(device, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,13 +691,13 @@ def configs(smoke: bool) -> dict[str, Any]:
         std7b=dict(type="standard", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                    intermediate_size=14336, max_position_embeddings=32768, rope_theta=1e6),
         thl7b_runs=[(1, 8192), (8, 8192)], std7b_runs=[(1, 8192), (8, 8192), (8, 1024)],
-        bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=75, bpb_batch=16,
+        bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=45, bpb_batch=16,
         bpb_seq=256, bpb_eval_bytes=32768,
         bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                      intermediate_size=1536, max_position_embeddings=1024),
         bpb_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=64),
-        recall_pairs=8, recall_seq=256, recall_batch=32, recall_max_steps=400, recall_seconds=60, recall_lr=2e-3,
-        recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=16,
+        recall_pairs=8, recall_seq=256, recall_batch=32, recall_max_steps=400, recall_seconds=40, recall_lr=2e-3,
+        recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=8,
         recall_std=dict(type="standard", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                         intermediate_size=768, max_position_embeddings=16384),
         recall_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=0))
@@ -796,14 +790,16 @@ def markdown(r: dict[str, Any]) -> str:
             ratio = f"{e['tokens_per_s'] / base:.3f}x" if base else ""
             lines.append(f"| {label} | {e['parameters'] / 1e6:.1f}M | {e['batch']}x{e['seq_len']} | "
                          f"{e['tokens_per_s']:,.0f} | {ratio} | {e['seconds_per_step']:.3f} | {mib(e['peak_bytes'])} |")
-    if r.get("profile"):
+    profiled = [e for e in r.get("speed", []) if "profile" in e]
+    if profiled:
         lines += ["", "### Where the time goes (one profiled training step)", "",
                   "| model | wall s | GPU busy s | GPU busy share | kernels per token | top CPU ops (share of wall) |",
                   "|---|---|---|---|---|---|"]
-        for e in r["profile"]:
-            label = e["preset"] + "".join(f" {k}={e[k]}" for k in ("compile_step", "compile_mode") if k in e)
+        for row in profiled:
+            label = row["preset"] + "".join(f" {k}={row[k]}" for k in ("compile_step", "compile_mode") if k in row)
+            e = row["profile"]
             if "error" in e:
-                lines.append(f"| {label} | failed: {e['error']} | | | | |")
+                lines.append(f"| {label} | profile failed: {e['error']} | | | | |")
                 continue
             share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
             kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
