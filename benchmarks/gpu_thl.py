@@ -812,7 +812,7 @@ def markdown(r: dict[str, Any]) -> str:
                 continue
             share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
             kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
-            ops = ", ".join(f"{o['op']} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
+            ops = ", ".join(f"{o['op'].strip('# ')[:40]} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
             lines.append(f"| {label} | {e['wall_seconds']:.3f} | {e['device_busy_seconds']:.3f} | {share} | "
                          f"{kernels} | {ops} |")
         lines += ["", "GPU busy share: kernel time / wall time of the step; far below 1 means the GPU waits for "
