@@ -259,7 +259,7 @@ def profile_step(step: TrainStep, x: torch.Tensor, device: torch.device) -> dict
                              "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
 
 
-def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]) -> None:
+def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], keep_mode: bool = False) -> None:
     rows = report.setdefault("speed", [])
     variants = [(cfg["std"], {}), (cfg["thl"], {}), (cfg["thl"], {"compile_step": True}),
                 (cfg["thl"], {"compile_step": True, "compile_mode": "reduce-overhead"})]
@@ -273,8 +273,9 @@ def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]
         log(f"speed: {rows[-1]}")
     fastest = max((r for r in rows if r["preset"] == cfg["thl"] and "error" not in r),
                   key=lambda r: r["tokens_per_s"], default=None)
-    report["thl_fastest"] = None if fastest is None else {
-        k: fastest[k] for k in ("compile_step", "compile_mode") if k in fastest}
+    if not keep_mode:
+        report["thl_fastest"] = None if fastest is None else {
+            k: fastest[k] for k in ("compile_step", "compile_mode") if k in fastest}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +454,14 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
 # bpb: equal parameters, equal training tokens, through the trainer
 
 
+def thl_step_mode(report: dict[str, Any]) -> dict[str, Any]:
+    """THL's step flags for the bpb and recall parts: the fastest of the speed part, or the one
+    --thl-mode asked for; the compiled step when neither is known."""
+    if "thl_fastest" in report:
+        return report["thl_fastest"] or {}
+    return {"compile_step": True}
+
+
 def count_parameters(arch_cfg: dict[str, Any]) -> int:
     from dynlm.config import model_config
     from dynlm.infer.layered import parameters_on_meta
@@ -474,16 +483,17 @@ def part_bpb(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], 
     from dynlm.train.trainer import read_metrics
 
     std = dict(cfg["bpb_std"], vocab_size=cfg["bpb_vocab"])
-    thl = thl_matching(std, dict(cfg["bpb_thl"], vocab_size=cfg["bpb_vocab"], **(report.get("thl_fastest") or {})))
-    steps = cfg["bpb_steps"]
+    thl = thl_matching(std, dict(cfg["bpb_thl"], vocab_size=cfg["bpb_vocab"], **thl_step_mode(report)))
+    steps = cfg["bpb_min_steps"]  # THL's speed unknown: the fewest steps
     speed = next((r["tokens_per_s"] for r in reversed(report.get("speed", []))
                   if r.get("preset") == cfg["thl"] and "error" not in r
                   and {k: r.get(k) for k in ("compile_step", "compile_mode")} ==
-                  {k: (report.get("thl_fastest") or {}).get(k) for k in ("compile_step", "compile_mode")}), None)
+                  {k: thl_step_mode(report).get(k) for k in ("compile_step", "compile_mode")}), None)
     if speed:  # THL's measured speed sets the steps: about bpb_seconds of THL training
         affordable = cfg["bpb_seconds"] * speed / (cfg["bpb_batch"] * cfg["bpb_seq"])
-        steps = int(max(cfg["bpb_min_steps"], min(steps, affordable)))
+        steps = int(max(cfg["bpb_min_steps"], min(cfg["bpb_steps"], affordable)))
     section = report.setdefault("bpb", {"corpus": cfg["bpb_corpus"], "tokenizer": "bytes", "steps": steps,
+                                        "thl_step": thl_step_mode(report),
                                         "batch": cfg["bpb_batch"], "seq_len": cfg["bpb_seq"], "rows": []})
     for name, arch in (("standard", std), ("thl", thl)):
         overrides = {"model": {k: v for k, v in arch.items() if k != "vocab_size"},
@@ -585,10 +595,11 @@ def recall_accuracy(model: nn.Module, device: torch.device, batch: int, pairs: i
 def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]) -> None:
     vocab = FILLER[1]
     std = dict(cfg["recall_std"], vocab_size=vocab)
-    thl = thl_matching(std, dict(cfg["recall_thl"], vocab_size=vocab, **(report.get("thl_fastest") or {})))
+    thl = thl_matching(std, dict(cfg["recall_thl"], vocab_size=vocab, **thl_step_mode(report)))
     pairs, length = cfg["recall_pairs"], cfg["recall_seq"]
     section = report.setdefault("recall", {"pairs": pairs, "train_seq_len": length, "batch": cfg["recall_batch"],
                                            "distances": cfg["recall_distances"], "rows": [],
+                                           "thl_step": thl_step_mode(report),
                                            "chance": 1 / (VALUES[1] - VALUES[0])})
     steps_done = None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -716,6 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", "--tiny", action="store_true", help="tiny shapes on CPU: checks the script runs")
     parser.add_argument("--commit", default=None, help="the git commit measured (a copy without .git)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch space for checkpoints and runs")
+    parser.add_argument("--thl-mode", choices=["auto", "eager", "default", "reduce-overhead"], default="auto",
+                        help="THL's step in the bpb and recall parts; auto: the fastest of the speed part "
+                             "(the compiled step when that part did not run)")
+    parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
+    parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -732,10 +748,17 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or os.environ.get("BENCH_COMMIT") or subprocess.run(
         git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     cfg = configs(args.smoke)
+    if args.bpb_seconds is not None:
+        cfg["bpb_seconds"] = args.bpb_seconds
+    if args.recall_seconds is not None:
+        cfg["recall_seconds"] = args.recall_seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "commit": commit, "smoke": args.smoke,
                               "parts": parts, "part_seconds": {}, "part_errors": {}}
     REPORT_TARGET["out"] = args.out
+    if args.thl_mode != "auto":  # otherwise the speed part sets it (the fastest variant)
+        report["thl_fastest"] = ({} if args.thl_mode == "eager"
+                                 else {"compile_step": True, "compile_mode": args.thl_mode})
     report["pinned_gb_per_s"] = pinned_bandwidth(device, 1 << 30)
     log(f"device {name}, pinned host->device {report['pinned_gb_per_s']} GB/s, parts {parts}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -744,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 if part == "speed":
-                    part_speed(cfg, device, report)
+                    part_speed(cfg, device, report, keep_mode=args.thl_mode != "auto")
                 elif part == "7b":
                     part_7b(cfg, device, report, workdir)
                 elif part == "bpb":
@@ -860,7 +883,8 @@ def markdown(r: dict[str, Any]) -> str:
     if bpb:
         lines += ["", f"## Bits per byte at equal parameters and equal training tokens ({bpb['corpus']}, bytes)", "",
                   f"Both trained through `dynlm.train` for {bpb['steps']} steps of {bpb['batch']} x {bpb['seq_len']} "
-                  "tokens, same schedule and seed; val bpb on the validation bytes scored at the end.", "",
+                  f"tokens, same schedule and seed; val bpb on the validation bytes scored at the end. THL's step: "
+                  f"{bpb.get('thl_step') or 'eager'}.", "",
                   "| model | params | steps | tokens | train s | val bpb |", "|---|---|---|---|---|---|"]
         for e in bpb["rows"]:
             if "error" in e:
@@ -876,7 +900,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "", f"Trained on sequences of {rec['train_seq_len']} tokens (filler up to "
                   f"{rec['train_seq_len'] - 4 * rec['pairs']}), batch {rec['batch']}, the same steps for both "
                   "(THL's time budget set them); loss on the recalled values only. Accuracy = recalled values "
-                  "predicted exactly, after N filler tokens between the pairs and the queries.", "",
+                  "predicted exactly, after N filler tokens between the pairs and the queries. THL's step: "
+                  f"{rec.get('thl_step') or 'eager'}.", "",
                   "| model | params | steps | train s | " + " | ".join(f"N={d:,}" for d in dist) + " |",
                   "|---|---|---|---|" + "---|" * len(dist)]
         for e in rec["rows"]:
