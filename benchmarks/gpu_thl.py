@@ -14,7 +14,7 @@ speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model 
         its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
 bpb     bits per byte at equal parameters and equal training tokens: THL vs standard trained through
         `dynlm.train` on the python-stdlib corpus (ships with the interpreter: nothing to carry), bytes.
-recall  a synthetic key-value recall task (8 key/value pairs, then N filler tokens, then the 8 keys again:
+recall  a synthetic key-value recall task (4 key/value pairs, then N filler tokens, then the 4 keys again:
         the value must be recalled), both models trained for the same steps through the one TrainStep
         (loss on the recalled values only), evaluated at 64 .. 8K filler tokens.
 decode  (the earlier run's part) decode after 1K .. 256K tokens of context: state bytes, peak, tokens/s.
@@ -710,8 +710,8 @@ def configs(smoke: bool) -> dict[str, Any]:
         bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                      intermediate_size=1536, max_position_embeddings=1024),
         bpb_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=64),
-        recall_pairs=8, recall_seq=256, recall_batch=32, recall_max_steps=400, recall_seconds=40, recall_lr=2e-3,
-        recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=8,
+        recall_pairs=4, recall_seq=128, recall_batch=64, recall_max_steps=600, recall_seconds=40, recall_lr=2e-3,
+        recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=16,
         recall_std=dict(type="standard", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                         intermediate_size=768, max_position_embeddings=16384),
         recall_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=0))
