@@ -23,8 +23,8 @@ layered (the earlier run's part) layered engine vs accelerate CPU offload on a 1
     python benchmarks/gpu_thl.py --out $OUT [--parts speed,7b,bpb,recall] [--commit SHA]
     python benchmarks/gpu_thl.py --out /tmp/x --smoke     # tiny shapes, runs on CPU (a check)
 
-Writes gpu_thl_items.json and gpu_thl_items.md into --out (after every part: an interrupted run keeps
-what it measured). A part that fails is recorded with its error; the others still run.
+Writes gpu_thl_items.json and gpu_thl_items.md (`--name` changes the stem) into --out, after every part:
+an interrupted run keeps what it measured. A part that fails is recorded with its error; the others still run.
 """
 
 from __future__ import annotations
@@ -654,7 +654,7 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
-REPORT_TARGET: dict[str, Path] = {}
+REPORT_TARGET: dict[str, Any] = {}
 
 
 def write_report(report: dict[str, Any]) -> None:
@@ -663,8 +663,9 @@ def write_report(report: dict[str, Any]) -> None:
         return
     report["seconds"] = time.perf_counter() - T0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_thl_items.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "gpu_thl_items.md").write_text(markdown(report) + "\n")
+    name = REPORT_TARGET["name"]
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(report) + "\n")
 
 
 def configs(smoke: bool) -> dict[str, Any]:
@@ -705,12 +706,12 @@ def configs(smoke: bool) -> dict[str, Any]:
         std7b=dict(type="standard", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                    intermediate_size=14336, max_position_embeddings=32768, rope_theta=1e6),
         thl7b_runs=[(1, 8192), (8, 8192)], std7b_runs=[(1, 8192), (8, 8192), (8, 1024)],
-        bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=45, bpb_batch=16,
+        bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=35, bpb_batch=16,
         bpb_seq=256, bpb_eval_bytes=32768,
         bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
                      intermediate_size=1536, max_position_embeddings=1024),
         bpb_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=64),
-        recall_pairs=4, recall_seq=128, recall_batch=64, recall_max_steps=600, recall_seconds=40, recall_lr=2e-3,
+        recall_pairs=4, recall_seq=128, recall_batch=64, recall_max_steps=600, recall_seconds=35, recall_lr=2e-3,
         recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=16,
         recall_std=dict(type="standard", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                         intermediate_size=768, max_position_embeddings=16384),
@@ -730,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thl-mode", choices=["auto", "eager", "default", "reduce-overhead"], default="auto",
                         help="THL's step in the bpb and recall parts; auto: the fastest of the speed part "
                              "(the compiled step when that part did not run)")
+    parser.add_argument("--name", default="gpu_thl_items", help="stem of the results files (.json, .md)")
     parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
     parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
     args = parser.parse_args(argv)
@@ -755,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "commit": commit, "smoke": args.smoke,
                               "parts": parts, "part_seconds": {}, "part_errors": {}}
-    REPORT_TARGET["out"] = args.out
+    REPORT_TARGET["out"], REPORT_TARGET["name"] = args.out, args.name
     if args.thl_mode != "auto":  # otherwise the speed part sets it (the fastest variant)
         report["thl_fastest"] = ({} if args.thl_mode == "eager"
                                  else {"compile_step": True, "compile_mode": args.thl_mode})
