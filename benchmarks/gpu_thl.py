@@ -876,9 +876,10 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{mib(e['peak_allocated'])} "
                          f"| {mib(e['peak_reserved'])} | {e['gb_copied_per_step']:.1f} |")
         lines += ["", f"Llama-2-7B's own shape (32 KV heads) would need a KV cache of "
-                  f"{s7.get('llama2_7b_kv_bytes_8k_batch1', 0) / 2**30:.2f} GiB at 8K tokens, batch 1 (bf16): "
-                  "more than the "
-                  "cap, so the standard 7B here has 8 KV heads (Mistral-7B's shape) and its KV cache stays on the GPU. "
+                  f"{s7.get('llama2_7b_kv_bytes_8k_batch1', 0) / 2**30:.2f} GiB at 8K tokens, batch 1 (bf16), against "
+                  f"a cap of {s7['cap_bytes'] / 2**30:.2f} GiB for everything: with a layer of weights beside it, it "
+                  "cannot fit, so the standard 7B here has 8 KV heads (Mistral-7B's shape) and its KV cache stays on "
+                  "the GPU (rows whose state does not fit say so). "
                   "THL rows: 4 real tokens prefilled, then the position set to the context (its state has a fixed "
                   "shape, so its bytes and its step cost cannot depend on the context).",
                   "", "Perplexity: these are random weights; their perplexity is that of noise and says nothing about "
