@@ -94,7 +94,9 @@ def pinned_bandwidth(device: torch.device, nbytes: int) -> float | None:
 
 
 def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, steps: int, vocab: int,
-                warmup: int = 1, profile: bool = False, **overrides: Any) -> dict[str, Any]:
+                warmup: int = 1, profile: bool = False, timed: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Training tokens/s; `profile`: then one more step profiled. `timed(result)` is called before
+    the profile (it fills `result` in place), so that a profiler crash cannot lose the timing."""
     torch.manual_seed(0)
     model = dynlm.build_model(preset, vocab_size=vocab, **overrides).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -113,6 +115,8 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     result = {"preset": preset, "parameters": model.num_parameters(), "batch": batch, "seq_len": seq_len,
               "steps_timed": steps, "seconds_per_step": seconds, "tokens_per_s": batch * seq_len / seconds,
               "loss": float(out.loss), "peak_bytes": peak(device), **overrides}
+    if timed is not None:
+        timed(result)
     if profile:
         try:
             result["profile"] = profile_step(step, x, device)
@@ -264,14 +268,20 @@ def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]
     rows = report.setdefault("speed", [])
     variants = [(cfg["std"], {}), (cfg["thl"], {}), (cfg["thl"], {"compile_step": True}),
                 (cfg["thl"], {"compile_step": True, "compile_mode": "reduce-overhead"})]
+
+    def keep(result: dict[str, Any]) -> None:
+        rows.append(result)
+        write_report(report)
+
     for preset, overrides in variants:
         try:
             warm = 3 if overrides.get("compile_mode") == "reduce-overhead" else 1
-            rows.append(train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"],
-                                    warmup=warm, profile=preset == cfg["std"] or bool(overrides), **overrides))
+            train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"], warmup=warm,
+                        profile=preset == cfg["std"] or bool(overrides), timed=keep, **overrides)
         except Exception as e:  # one failing variant is reported; the others still run
             rows.append({"preset": preset, **overrides, "error": error_text(e)})
         log(f"speed: {rows[-1]}")
+        write_report(report)
     fastest = max((r for r in rows if r["preset"] == cfg["thl"] and "error" not in r),
                   key=lambda r: r["tokens_per_s"], default=None)
     if not keep_mode:
