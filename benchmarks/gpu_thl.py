@@ -260,6 +260,7 @@ def profile_step(step: TrainStep, x: torch.Tensor, device: torch.device) -> dict
     return {"wall_seconds": wall, "device_busy_seconds": busy_us / 1e6,
             "device_busy_share": busy_us / 1e6 / wall if cuda else None,
             "kernels_per_token": launches / tokens if cuda else None,
+            "kernels_per_recurrence_step": launches / x.shape[1] if cuda else None,
             "top_cpu_ops": [{"op": e.key, "calls_per_token": e.count / tokens,
                              "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
 
@@ -841,16 +842,19 @@ def markdown(r: dict[str, Any]) -> str:
     profiled = [e for e in r.get("speed", []) if "profile" in e]
     if profiled:
         lines += ["", "### Where the time goes (one profiled training step)", "",
-                  "| model | wall s | GPU busy s | GPU busy share | kernels per token | top CPU ops (share of wall) |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | wall s | GPU busy s | GPU busy share | kernels per trained token | kernels per position "
+                  "(all rows) | top CPU ops (share of wall) |",
+                  "|---|---|---|---|---|---|---|"]
         for row in profiled:
             label = row["preset"] + "".join(f" {k}={row[k]}" for k in ("compile_step", "compile_mode") if k in row)
             e = row["profile"]
             if "error" in e:
-                lines.append(f"| {label} | profile failed: {e['error']} | | | | |")
+                lines.append(f"| {label} | profile failed: {e['error']} | | | | | |")
                 continue
             share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
             kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
+            per_position = e.get("kernels_per_recurrence_step")
+            kernels += " | " + ("" if per_position is None else f"{per_position:.0f}")
             ops = ", ".join(f"{o['op'].strip('# ')[:40]} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
             lines.append(f"| {label} | {e['wall_seconds']:.3f} | {e['device_busy_seconds']:.3f} | {share} | "
                          f"{kernels} | {ops} |")
