@@ -1,27 +1,42 @@
-"""THL and the layered engine on one GPU, in one run (every figure of docs/thl.md that needs a GPU):
+"""THL and the layered engine on one GPU, in one run. Parts (`--parts`, comma-separated; the default
+7b,speed,bpb,recall runs the 7B table first, on a device nothing has been compiled on yet):
 
-1. training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model (gpt2-small-like) at
-   about equal parameters, same batch and sequence length, bf16 autocast, the one TrainStep;
-2. decode after 1K / 8K / 64K / 256K tokens of context: state bytes, peak GPU memory, tokens/s,
-   for both. The standard model prefills the whole context (KV cache). THL prefills 1K real
-   tokens; for longer contexts its state is that state with the position advanced to N (a THL
-   state is a fixed set of fixed-shape tensors, so N can change no byte of it; only the tier
-   schedule reads the position). A sequential 256K-token THL prefill would not fit the budget;
-3. the layered engine vs Hugging Face accelerate CPU offload (`device_map="auto"`, `max_memory`)
-   on the same random standard checkpoint (qwen2.5-1.5b shape, bf16) under the same GPU cap, next
-   to the host->device bandwidth floor (weight bytes / measured pinned-copy GB/s).
+speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model (gpt2-small-like) at about
+        equal parameters, same batch and sequence length, bf16 autocast, the one TrainStep: THL eager, with
+        the step compiled (`compile_step`), and compiled with CUDA graphs (`compile_mode=reduce-overhead`);
+        then one more step of each (but eager THL, whose trace alone would take seconds to read) profiled:
+        kernels launched per token and the share of the wall time the GPU was busy (where the time goes).
+7b      the design document's 7B table: a random THL of ~7B parameters and a random standard model of ~7B
+        (Mistral-7B shape: Llama-2-7B's 32 x 4096 with 8 KV heads) decoded through the layered engine under
+        a 4 GiB GPU cap (torch.cuda.set_per_process_memory_fraction enforces it), batch 1 and 8, context 8K
+        where the state fits: peak GPU memory (allocated and reserved), tokens/s, the pinned host->device
+        floor. Weights are built in bf16 straight into pinned host memory, one tensor at a time (parameters
+        on the meta device first; no fp32 copy ever exists). Then the standard model again, streamed from
+        its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
+bpb     bits per byte at equal parameters and equal training tokens: THL vs standard trained through
+        `dynlm.train` on the python-stdlib corpus (ships with the interpreter: nothing to carry), bytes.
+recall  a synthetic key-value recall task (4 key/value pairs, then N filler tokens, then the 4 keys again:
+        the value must be recalled), both models trained for the same steps through the one TrainStep
+        (loss on the recalled values only), evaluated at 64 .. 8K filler tokens.
+decode  (the earlier run's part) decode after 1K .. 256K tokens of context: state bytes, peak, tokens/s.
+layered (the earlier run's part) layered engine vs accelerate CPU offload on a 1.5B model.
 
-    python benchmarks/gpu_thl.py --out $OUT [--tiny]   # --tiny: small shapes, runs on CPU (a check)
+    python benchmarks/gpu_thl.py --out $OUT [--parts 7b,speed,bpb,recall] [--commit SHA]
+    python benchmarks/gpu_thl.py --out /tmp/x --smoke     # tiny shapes, runs on CPU (a check)
 
-Writes gpu_thl.json and gpu_thl.md into --out.
+Writes gpu_thl_items.json and gpu_thl_items.md (`--name` changes the stem) into --out, after every part:
+an interrupted run keeps what it measured. A part that fails is recorded with its error; the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import dynlm
 from dynlm.infer.layered import LayeredEngine
@@ -47,14 +63,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_reset(device: torch.device) -> None:
+def peak_reset(device: torch.device, empty: bool = True) -> None:
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        if empty:
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def peak_reserved(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
 
 
 def pinned_bandwidth(device: torch.device, nbytes: int) -> float | None:
@@ -73,7 +94,9 @@ def pinned_bandwidth(device: torch.device, nbytes: int) -> float | None:
 
 
 def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, steps: int, vocab: int,
-                **overrides: Any) -> dict[str, Any]:
+                warmup: int = 1, profile: bool = False, timed: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Training tokens/s; `profile`: then one more step profiled. `timed(result)` is called before
+    the profile (it fills `result` in place), so that a profiler crash cannot lose the timing."""
     torch.manual_seed(0)
     model = dynlm.build_model(preset, vocab_size=vocab, **overrides).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -81,7 +104,8 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     step = TrainStep(model, model, opt, device, dtype, clip=1.0)
     x = torch.randint(0, vocab, (batch, seq_len), device=device)
     peak_reset(device)
-    step([x])  # warm-up (and compilation, when the model compiles its step)
+    for _ in range(warmup):  # compilation, and CUDA-graph capture (which needs a few calls)
+        step([x])
     sync(device)
     t = time.perf_counter()
     for _ in range(steps):
@@ -91,6 +115,13 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     result = {"preset": preset, "parameters": model.num_parameters(), "batch": batch, "seq_len": seq_len,
               "steps_timed": steps, "seconds_per_step": seconds, "tokens_per_s": batch * seq_len / seconds,
               "loss": float(out.loss), "peak_bytes": peak(device), **overrides}
+    if timed is not None:
+        timed(result)
+    if profile:
+        try:
+            result["profile"] = profile_step(step, x, device)
+        except Exception as e:  # the speed stands without its profile
+            result["profile"] = {"error": error_text(e)}
     del model, opt, step
     gc.collect()
     return result
@@ -201,110 +232,708 @@ def layered_vs_accelerate(preset: str, device: torch.device, cap: int, new_token
     return result
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: training tokens/s and where the time goes
+
+
+def profile_step(step: TrainStep, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """One more training step under torch.profiler: kernels launched per token, GPU busy time vs
+    wall time, and the CPU ops that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        step([x])
+        sync(device)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    device_events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    busy_us = sum(getattr(e, "self_device_time_total", 0.0) for e in device_events)
+    launches = sum(e.count for e in device_events)
+    cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    tokens = x.numel()
+    cuda = device.type == "cuda"
+    return {"wall_seconds": wall, "device_busy_seconds": busy_us / 1e6,
+            "device_busy_share": busy_us / 1e6 / wall if cuda else None,
+            "kernels_per_token": launches / tokens if cuda else None,
+            "kernels_per_recurrence_step": launches / x.shape[1] if cuda else None,
+            "top_cpu_ops": [{"op": e.key, "calls_per_token": e.count / tokens,
+                             "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
+
+
+def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], keep_mode: bool = False) -> None:
+    rows = report.setdefault("speed", [])
+    variants = [(cfg["std"], {}), (cfg["thl"], {}), (cfg["thl"], {"compile_step": True}),
+                (cfg["thl"], {"compile_step": True, "compile_mode": "reduce-overhead"})]
+
+    def keep(result: dict[str, Any]) -> None:
+        rows.append(result)
+        write_report(report)
+
+    for preset, overrides in variants:
+        try:
+            warm = 3 if overrides.get("compile_mode") == "reduce-overhead" else 1
+            train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"], warmup=warm,
+                        profile=preset == cfg["std"] or bool(overrides), timed=keep, **overrides)
+        except Exception as e:  # one failing variant is reported; the others still run
+            rows.append({"preset": preset, **overrides, "error": error_text(e)})
+        log(f"speed: {rows[-1]}")
+        write_report(report)
+    fastest = max((r for r in rows if r["preset"] == cfg["thl"] and "error" not in r),
+                  key=lambda r: r["tokens_per_s"], default=None)
+    if not keep_mode:
+        report["thl_fastest"] = None if fastest is None else {
+            k: fastest[k] for k in ("compile_step", "compile_mode") if k in fastest}
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b: the design document's table through the layered engine under a 4 GiB cap
+
+
+def materialise_pinned(model: nn.Module, build_device: torch.device, dtype: torch.dtype, pin: bool,
+                       std: float = 0.02) -> None:
+    """Random weights for a model whose parameters are on the meta device, one tensor at a time:
+    drawn on `build_device` (fast), copied into (pinned) host memory in `dtype`. Matrices
+    N(0, std), vectors: norm gains 1, biases 0. Tied parameters stay tied."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                value = torch.empty(param.shape, dtype=dtype, device=build_device)
+                if param.dim() >= 2:
+                    value.normal_(0.0, std)
+                else:
+                    value.fill_(1.0 if name == "weight" else 0.0)
+                host = torch.empty(param.shape, dtype=dtype, pin_memory=pin)
+                host.copy_(value)
+                done[id(param)] = nn.Parameter(host, requires_grad=False)
+                del value
+            module._parameters[name] = done[id(param)]
+
+
+def enforce_cap(device: torch.device, cap: int | None) -> None:
+    """Cap everything the process allocates on the GPU (not only the weights) at `cap` bytes; None
+    lifts the cap. The weights are built before: drawing them on the GPU is not part of decoding."""
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, device)
+
+
+def empty_host_cache() -> None:
+    """Give the pinned blocks cached by torch's host allocator back (two 7B models in a row)."""
+    release = getattr(torch._C, "_host_emptyCache", None)
+    if release is not None and torch.cuda.is_available():
+        release()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def layered_decode(engine: LayeredEngine, model: Any, batch: int, context: int, new_tokens: int,
+                   vocab: int, cap: int, device: torch.device, prefill_chunk: int) -> dict[str, Any]:
+    """Prefill `context` tokens (THL: a few real tokens, then the position advanced: its state has a
+    fixed shape), then time `new_tokens` greedy decode steps. Peaks are the whole process's."""
+    row: dict[str, Any] = {"batch": batch, "context": context}
+    peak_reset(device)
+    t = time.perf_counter()
+    if model.constant_state:
+        state = engine.init_state(batch)
+        out = engine(torch.randint(0, vocab, (batch, 4)), state=state)
+        out.state.position.fill_(context)
+        row["prefilled_tokens"] = 4
+    else:
+        state = engine.init_state(batch, max_length=context + new_tokens + 2)
+        for start in range(0, context, prefill_chunk):
+            out = engine(torch.randint(0, vocab, (batch, min(prefill_chunk, context - start))), state=state)
+            state = out.state
+        row["prefilled_tokens"] = context
+    sync(device)
+    row["prefill_seconds"] = time.perf_counter() - t
+    row["state_bytes"] = model.state_nbytes(out.state)
+    row["prefill_peak_allocated"], row["prefill_peak_reserved"] = peak(device), peak_reserved(device)
+    peak_reset(device, empty=False)
+    out = engine(out.logits[:, -1].argmax(-1, keepdim=True), state=out.state)  # warm-up step
+    sync(device)
+    copied = engine.bytes_copied
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = engine(out.logits[:, -1].argmax(-1, keepdim=True), state=out.state)
+    sync(device)
+    seconds = time.perf_counter() - t
+    row.update({"new_tokens": new_tokens, "tokens_per_s": batch * new_tokens / seconds,
+                "seconds_per_step": seconds / new_tokens, "peak_allocated": peak(device),
+                "peak_reserved": peak_reserved(device), "cap_bytes": cap,
+                "gb_copied_per_step": (engine.bytes_copied - copied) / new_tokens / 1e9,
+                "gb_copied_per_s": (engine.bytes_copied - copied) / seconds / 1e9})
+    return row
+
+
+def kv_bytes(config: Any, batch: int, context: int, element_size: int = 2) -> int:
+    """K and V of every layer for `context` tokens (bf16)."""
+    head_dim = config.hidden_size // config.num_heads
+    return 2 * config.num_layers * config.num_kv_heads * head_dim * context * batch * element_size
+
+
+def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], workdir: Path) -> None:
+    from dynlm.config import model_config
+    from dynlm.infer.layered import parameters_on_meta
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16
+    cap = cfg["cap7b"]
+    headroom = cfg["headroom7b"]
+    section = report.setdefault("7b", {"cap_bytes": cap, "headroom_bytes": headroom, "rows": [],
+                                       "pinned_gb_per_s": report.get("pinned_gb_per_s")})
+    llama = model_config(dict(type="standard", **cfg["llama7b"]))
+    section["llama2_7b_kv_bytes_8k_batch1"] = kv_bytes(llama, 1, 8192)
+    try:
+        for name, arch_cfg, runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"]),
+                                     ("standard-7b", cfg["std7b"], cfg["std7b_runs"])):
+            t0 = time.perf_counter()
+            with parameters_on_meta():
+                model = dynlm.build_model(model_config(dict(arch_cfg)))
+            materialise_pinned(model, device, dtype, pin=cuda)
+            info = {"model": name, "config": arch_cfg, "parameters": model.num_parameters(),
+                    "weight_bytes": weight_bytes(model), "build_seconds": time.perf_counter() - t0}
+            bw = report.get("pinned_gb_per_s")
+            if bw:
+                info["floor_tokens_per_s_batch1"] = bw * 1e9 / info["weight_bytes"]
+            log(f"7b: built {info}")
+            ckpt = None
+            if name == "standard-7b" and cfg["mmap7b"]:
+                t0 = time.perf_counter()
+                ckpt = workdir / "standard-7b"
+                model.save_pretrained(ckpt)
+                info["save_seconds"] = time.perf_counter() - t0
+            section.setdefault("models", []).append(info)
+            enforce_cap(device, cap)
+            engine = LayeredEngine(model, device=device, max_gpu_memory=cap, dtype=dtype)
+            for batch, context in runs:
+                row = {"model": name, "source": "pinned host memory", "batch": batch, "context": context}
+                try:
+                    state_bytes = model.state_nbytes(model.init_state(batch, device="meta", dtype=dtype,
+                                                                      max_length=context + cfg["new7b"] + 2))
+                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom  # weights get the rest
+                    if engine.budget < max(engine.unit_bytes):
+                        row["error"] = (f"does not fit: state {state_bytes / 2**30:.2f} GiB + largest unit "
+                                        f"{max(engine.unit_bytes) / 2**30:.2f} GiB + headroom > cap")
+                    else:
+                        row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
+                                                  cap, device, cfg["prefill_chunk"]))
+                except Exception as e:
+                    row["error"] = error_text(e)
+                section["rows"].append(row)
+                log(f"7b: {row}")
+                write_report(report)
+            del engine, model
+            gc.collect()
+            empty_host_cache()
+            enforce_cap(device, None)
+            if ckpt is not None:
+                row = {"model": name, "source": "memory-mapped safetensors on disk", "batch": 1,
+                       "context": cfg["mmap_context"]}
+                try:
+                    enforce_cap(device, cap)
+                    engine = LayeredEngine.from_checkpoint(ckpt, device=device, max_gpu_memory=cap, dtype=dtype)
+                    model = engine.model
+                    state_bytes = model.state_nbytes(model.init_state(1, device="meta", dtype=dtype,
+                                                                      max_length=cfg["mmap_context"] + 8))
+                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom
+                    row.update(layered_decode(engine, model, 1, cfg["mmap_context"], cfg["mmap_new"],
+                                              arch_cfg["vocab_size"], cap, device, cfg["prefill_chunk"]))
+                    del engine, model
+                except Exception as e:
+                    row["error"] = error_text(e)
+                section["rows"].append(row)
+                log(f"7b: {row}")
+                shutil.rmtree(ckpt, ignore_errors=True)
+                gc.collect()
+    finally:
+        enforce_cap(device, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# bpb: equal parameters, equal training tokens, through the trainer
+
+
+def thl_step_mode(report: dict[str, Any]) -> dict[str, Any]:
+    """THL's step flags for the bpb and recall parts: the fastest of the speed part, or the one
+    --thl-mode asked for; the compiled step when neither is known."""
+    if "thl_fastest" in report:
+        return report["thl_fastest"] or {}
+    return {"compile_step": True}
+
+
+def count_parameters(arch_cfg: dict[str, Any]) -> int:
+    from dynlm.config import model_config
+    from dynlm.infer.layered import parameters_on_meta
+
+    with parameters_on_meta():
+        return dynlm.build_model(model_config(dict(arch_cfg))).num_parameters()
+
+
+def thl_matching(std_cfg: dict[str, Any], thl_base: dict[str, Any]) -> dict[str, Any]:
+    """The THL config (hidden size a multiple of 64) with the parameter count closest to `std_cfg`'s."""
+    target = count_parameters(std_cfg)
+    best = min((dict(thl_base, hidden_size=h) for h in range(64, 4097, 64)),
+               key=lambda c: abs(count_parameters(c) - target))
+    return best
+
+
+def part_bpb(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], workdir: Path) -> None:
+    from dynlm.train import train
+    from dynlm.train.trainer import read_metrics
+
+    std = dict(cfg["bpb_std"], vocab_size=cfg["bpb_vocab"])
+    thl = thl_matching(std, dict(cfg["bpb_thl"], vocab_size=cfg["bpb_vocab"], **thl_step_mode(report)))
+    steps = cfg["bpb_min_steps"]  # THL's speed unknown: the fewest steps
+    speed = next((r["tokens_per_s"] for r in reversed(report.get("speed", []))
+                  if r.get("preset") == cfg["thl"] and "error" not in r
+                  and {k: r.get(k) for k in ("compile_step", "compile_mode")} ==
+                  {k: thl_step_mode(report).get(k) for k in ("compile_step", "compile_mode")}), None)
+    if speed:  # THL's measured speed sets the steps: about bpb_seconds of THL training
+        affordable = cfg["bpb_seconds"] * speed / (cfg["bpb_batch"] * cfg["bpb_seq"])
+        steps = int(max(cfg["bpb_min_steps"], min(cfg["bpb_steps"], affordable)))
+    section = report.setdefault("bpb", {"corpus": cfg["bpb_corpus"], "tokenizer": "bytes", "steps": steps,
+                                        "thl_step": thl_step_mode(report),
+                                        "batch": cfg["bpb_batch"], "seq_len": cfg["bpb_seq"], "rows": []})
+    for name, arch in (("standard", std), ("thl", thl)):
+        overrides = {"model": {k: v for k, v in arch.items() if k != "vocab_size"},
+                     "data": {"corpus": cfg["bpb_corpus"], "tokenizer": "bytes", "seq_len": cfg["bpb_seq"],
+                              "cache_dir": str(workdir / "data")},
+                     "train": {"max_steps": steps, "batch_size": cfg["bpb_batch"], "lr": 2e-3, "min_lr": 2e-4,
+                               "warmup_steps": max(1, steps // 10), "eval_every": steps,
+                               "eval_bytes": cfg["bpb_eval_bytes"],
+                               "save_every": steps, "final_eval": [], "sample_tokens": 0, "plot": False, "seed": 0,
+                               "log_every": max(1, steps // 4)},
+                     "out_dir": str(workdir / "runs"), "run_name": f"bpb-{name}"}
+        row: dict[str, Any] = {"model": name, "config": arch}
+        try:
+            t = time.perf_counter()
+            run_dir = train("quick", overrides_as_list(overrides), force=True)
+            row["wall_seconds"] = time.perf_counter() - t
+            summary = json.loads((run_dir / "eval.json").read_text())
+            evals = [r for r in read_metrics(run_dir) if r.get("event") == "eval"]
+            row.update({"parameters": count_parameters(arch), "steps": summary["step"], "tokens": summary["tokens"],
+                        "train_seconds": summary["train_seconds"], "val_bpb": evals[-1]["val_bpb"] if evals else None,
+                        "val_tokens": evals[-1]["val_tokens"] if evals else None})
+        except Exception as e:
+            row["error"] = error_text(e)
+        section["rows"].append(row)
+        log(f"bpb: {row}")
+        write_report(report)
+
+
+def overrides_as_list(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """{'train': {'lr': 1e-3}} -> ['train.lr=0.001'] (values as JSON, which the config reads)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += overrides_as_list(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# recall: synthetic key-value recall at increasing distance
+
+KEYS, VALUES, FILLER = (0, 32), (32, 64), (64, 128)  # token ranges; vocabulary 128
+
+
+def recall_batch(batch: int, pairs: int, filler: int, length: int | None, generator: torch.Generator,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[k1 v1 .. kP vP] [filler x N] [the P keys again, shuffled, each followed by its value]
+    [filler up to `length`]. Returns ids [B, T] and the mask of the recalled value positions."""
+    rows, masks = [], []
+    for _ in range(batch):
+        keys = torch.randperm(KEYS[1] - KEYS[0], generator=generator)[:pairs] + KEYS[0]
+        values = torch.randint(*VALUES, (pairs,), generator=generator)
+        writes = torch.stack([keys, values], 1).reshape(-1)
+        order = torch.randperm(pairs, generator=generator)
+        queries = torch.stack([keys[order], values[order]], 1).reshape(-1)
+        fill = torch.randint(*FILLER, (filler,), generator=generator)
+        tail = max(0, (length or 0) - 4 * pairs - filler)
+        ids = torch.cat([writes, fill, queries, torch.randint(*FILLER, (tail,), generator=generator)])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[2 * pairs + filler + 1:4 * pairs + filler:2] = True
+        rows.append(ids)
+        masks.append(mask)
+    return torch.stack(rows), torch.stack(masks)
+
+
+class AnswerLoss(nn.Module):
+    """Calls the model and scores only the recalled values (`mask`, set before each step)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: Any = None) -> Any:
+        from dynlm.models.base import causal_lm_loss
+
+        out = self.model(input_ids, state=state)
+        if labels is not None:
+            out = dataclasses.replace(out, loss=causal_lm_loss(out.logits, labels.masked_fill(~self.mask, -100)))
+        return out
+
+
+@torch.no_grad()
+def recall_accuracy(model: nn.Module, device: torch.device, batch: int, pairs: int, filler: int,
+                    seed: int) -> float:
+    model.eval()
+    ids, mask = recall_batch(batch, pairs, filler, None, torch.Generator().manual_seed(seed))
+    ids, mask = ids.to(device), mask.to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        logits = model(ids).logits
+    predicted = logits[:, :-1].argmax(-1)
+    hits = (predicted == ids[:, 1:])[mask[:, 1:]]
+    model.train()
+    return float(hits.float().mean())
+
+
+def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]) -> None:
+    vocab = FILLER[1]
+    std = dict(cfg["recall_std"], vocab_size=vocab)
+    thl = thl_matching(std, dict(cfg["recall_thl"], vocab_size=vocab, **thl_step_mode(report)))
+    pairs, length = cfg["recall_pairs"], cfg["recall_seq"]
+    section = report.setdefault("recall", {"pairs": pairs, "train_seq_len": length, "batch": cfg["recall_batch"],
+                                           "distances": cfg["recall_distances"], "rows": [],
+                                           "thl_step": thl_step_mode(report),
+                                           "chance": 1 / (VALUES[1] - VALUES[0])})
+    steps_done = None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from dynlm.config import model_config
+
+    for name, arch in (("thl", thl), ("standard", std)):  # THL first: its time budget sets the steps
+        row: dict[str, Any] = {"model": name, "config": arch}
+        try:
+            torch.manual_seed(0)
+            model = dynlm.build_model(model_config(dict(arch))).to(device).train()
+            wrapper = AnswerLoss(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg["recall_lr"], fused=device.type == "cuda")
+            step = TrainStep(wrapper, model, opt, device, dtype, clip=1.0)
+            generator = torch.Generator().manual_seed(1)
+            t = time.perf_counter()
+            limit = steps_done or cfg["recall_max_steps"]
+            done, loss = 0, None
+            while done < limit:
+                filler = int(torch.randint(cfg["recall_min_filler"], length - 4 * pairs + 1, (1,), generator=generator))
+                ids, mask = recall_batch(cfg["recall_batch"], pairs, filler, length, generator)
+                wrapper.mask = mask.to(device)
+                loss = step([ids.to(device)]).loss
+                done += 1
+                if done % 10 == 0:
+                    sync(device)  # the time check below measures work done, not work queued
+                if steps_done is None and time.perf_counter() - t > cfg["recall_seconds"]:
+                    break
+            sync(device)
+            steps_done = steps_done or done
+            row.update({"parameters": model.num_parameters(), "steps": done, "train_seconds": time.perf_counter() - t,
+                        "final_loss": float(loss) if loss is not None else None, "accuracy": {}})
+            for distance in cfg["recall_distances"]:
+                t = time.perf_counter()
+                row["accuracy"][str(distance)] = recall_accuracy(model, device, cfg["recall_eval_batch"], pairs,
+                                                                 distance, seed=100 + distance)
+                log(f"recall {name} @ {distance}: {row['accuracy'][str(distance)]:.3f} "
+                    f"({time.perf_counter() - t:.1f}s)")
+            del model, wrapper, opt, step
+            gc.collect()
+        except Exception as e:
+            row["error"] = error_text(e)
+        section["rows"].append(row)
+        log(f"recall: {row}")
+        write_report(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+REPORT_TARGET: dict[str, Any] = {}
+
+
+def write_report(report: dict[str, Any]) -> None:
+    out = REPORT_TARGET.get("out")
+    if out is None:
+        return
+    report["seconds"] = time.perf_counter() - T0
+    out.mkdir(parents=True, exist_ok=True)
+    name = REPORT_TARGET["name"]
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(report) + "\n")
+
+
+def configs(smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return dict(
+            vocab=512, std="standard-tiny", thl="thl-tiny", batch=2, seq=32, steps=1,
+            contexts=[64, 256], decode=4, real=64, layered="standard-tiny", cap=2 * 2**20, batches=[1, 2],
+            cap7b=64 * 2**20, headroom7b=2**20, new7b=2, prefill_chunk=64, mmap7b=True, mmap_context=64, mmap_new=2,
+            llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                         intermediate_size=11008),
+            thl7b=dict(type="thl", vocab_size=256, hidden_size=64, num_tiers=4, memory_slots=32, read_heads=4,
+                       local_query_dim=16),
+            std7b=dict(type="standard", vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128, max_position_embeddings=1024),
+            thl7b_runs=[(1, 128), (2, 128)], std7b_runs=[(1, 128), (2, 64)],
+            bpb_corpus=str(Path(__file__).resolve().parent / "gpu_thl.py"), bpb_vocab=320, bpb_steps=2,
+            bpb_min_steps=2, bpb_seconds=5, bpb_batch=2, bpb_seq=32, bpb_eval_bytes=512,
+            bpb_std=dict(type="standard", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                         intermediate_size=64, max_position_embeddings=256),
+            bpb_thl=dict(type="thl", num_tiers=3, memory_slots=16, read_heads=4, local_query_dim=16, bptt_chunk=16),
+            recall_pairs=2, recall_seq=32, recall_batch=4, recall_max_steps=2, recall_seconds=5, recall_lr=3e-3,
+            recall_min_filler=4, recall_distances=[8, 64], recall_eval_batch=2,
+            recall_std=dict(type="standard", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                            intermediate_size=64, max_position_embeddings=512),
+            recall_thl=dict(type="thl", num_tiers=3, memory_slots=16, read_heads=4, local_query_dim=16, bptt_chunk=0))
+    return dict(
+        vocab=50304, std="gpt2-small-like", thl="thl-125m", batch=16, seq=256, steps=3,
+        contexts=[1024, 8192, 65536, 262144], decode=32, real=1024, layered="qwen2.5-1.5b", cap=2**30, batches=[1, 8],
+        cap7b=4 * 2**30, headroom7b=512 * 2**20, new7b=6, prefill_chunk=1024, mmap7b=True, mmap_context=1024,
+        mmap_new=3,
+        # Llama-2-7B: its KV cache at 8K is computed, to say why the standard model run has 8 KV heads
+        llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                     intermediate_size=11008),
+        # THL at ~7B: 4 tiers of 11008 (each GRU tier ~9 d^2), the reader ~5 d^2, the head 4 d x V
+        thl7b=dict(type="thl", vocab_size=32000, hidden_size=11008, num_tiers=4, memory_slots=1024, read_heads=4,
+                   local_query_dim=64),
+        # Mistral-7B's shape: Llama-2-7B's 32 x 4096 layers with 8 KV heads (grouped-query attention)
+        std7b=dict(type="standard", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                   intermediate_size=14336, max_position_embeddings=32768, rope_theta=1e6),
+        thl7b_runs=[(1, 8192), (8, 8192)], std7b_runs=[(1, 8192), (8, 8192), (8, 1024)],
+        bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=35, bpb_batch=16,
+        bpb_seq=256, bpb_eval_bytes=32768,
+        bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                     intermediate_size=1536, max_position_embeddings=1024),
+        bpb_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=64),
+        recall_pairs=4, recall_seq=128, recall_batch=64, recall_max_steps=600, recall_seconds=35, recall_lr=2e-3,
+        recall_min_filler=8, recall_distances=[64, 256, 1024, 4096, 8192], recall_eval_batch=16,
+        recall_std=dict(type="standard", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                        intermediate_size=768, max_position_embeddings=16384),
+        recall_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=0))
+
+
+PARTS = ("speed", "7b", "bpb", "recall", "decode", "layered")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="small shapes on CPU: checks the script runs")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip later sections past this")
+    parser.add_argument("--parts", default="7b,speed,bpb,recall", help=f"comma-separated, from {','.join(PARTS)}")
+    parser.add_argument("--smoke", "--tiny", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    parser.add_argument("--commit", default=None, help="the git commit measured (a copy without .git)")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch space for checkpoints and runs")
+    parser.add_argument("--thl-mode", choices=["auto", "eager", "default", "reduce-overhead"], default="auto",
+                        help="THL's step in the bpb and recall parts; auto: the fastest of the speed part "
+                             "(the compiled step when that part did not run)")
+    parser.add_argument("--name", default="gpu_thl_items", help="stem of the results files (.json, .md)")
+    parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
+    parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
     args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; valid: {','.join(PARTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    git = ["git", "rev-parse", "--short", "HEAD"]  # a copy without .git is told its commit in BENCH_COMMIT
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(git, capture_output=True, text=True,
-                                                              cwd=Path(__file__).parent).stdout.strip()
-    if args.tiny:
-        cfg = dict(vocab=512, train=[("standard-tiny", {}), ("thl-tiny", {})], batch=2, seq=32, steps=1,
-                   contexts=[64, 256], decode=4, real=64, layered="standard-tiny", cap=2 * 2**20, batches=[1, 2],
-                   last=("thl-tiny", {"compile_step": True}))
-    else:
-        cfg = dict(vocab=50304, train=[("gpt2-small-like", {}), ("thl-125m", {})], batch=16, seq=256, steps=3,
-                   contexts=[1024, 8192, 65536, 262144], decode=32, real=1024, layered="qwen2.5-1.5b",
-                   cap=1 * 2**30, batches=[1, 8], last=("thl-125m", {"compile_step": True}))
+    # every THL model built here compiles the same step function (one cache entry per model, mode
+    # and grad mode): past dynamo's default limit of 8 it would fall back to eager without a word
+    dynamo_config = importlib.import_module("torch._dynamo").config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, 64)
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = args.commit or os.environ.get("BENCH_COMMIT") or subprocess.run(
+        git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    cfg = configs(args.smoke)
+    if args.bpb_seconds is not None:
+        cfg["bpb_seconds"] = args.bpb_seconds
+    if args.recall_seconds is not None:
+        cfg["recall_seconds"] = args.recall_seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "commit": commit, "tiny": args.tiny,
-                              "train": [], "decode": [], "layered": None, "skipped": []}
-    bandwidth = pinned_bandwidth(device, 1 << 30)
-    report["pinned_gb_per_s"] = bandwidth
-    log(f"device {name}, pinned host->device {bandwidth} GB/s")
-    for preset, overrides in cfg["train"]:
-        if time.perf_counter() - T0 > args.budget_s:
-            report["skipped"].append(f"train {preset} {overrides}")
-            continue
-        report["train"].append(train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"],
-                                           **overrides))
-        log(f"train: {report['train'][-1]}")
-    for preset in (cfg["train"][0][0], cfg["train"][1][0]):
-        if time.perf_counter() - T0 > args.budget_s:
-            report["skipped"].append(f"decode {preset}")
-            continue
-        report["decode"] += decode_vs_context(preset, device, cfg["contexts"], cfg["vocab"], cfg["decode"], cfg["real"])
-    if time.perf_counter() - T0 > args.budget_s:
-        report["skipped"].append("layered vs accelerate")
-    else:
-        report["layered"] = layered_vs_accelerate(cfg["layered"], device, cfg["cap"], cfg["decode"] // 2, cfg["vocab"],
-                                                  bandwidth, cfg["batches"])
-    preset, overrides = cfg["last"]  # compiling the step takes a while: last, when time is left
-    if time.perf_counter() - T0 > args.budget_s:
-        report["skipped"].append(f"train {preset} {overrides}")
-    else:
-        report["train"].append(train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"],
-                                           **overrides))
-        log(f"train: {report['train'][-1]}")
-    report["seconds"] = time.perf_counter() - T0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_thl.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "gpu_thl.md").write_text(markdown(report) + "\n")
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "commit": commit, "smoke": args.smoke,
+                              "parts": parts, "part_seconds": {}, "part_errors": {}}
+    REPORT_TARGET["out"], REPORT_TARGET["name"] = args.out, args.name
+    if args.thl_mode != "auto":  # otherwise the speed part sets it (the fastest variant)
+        report["thl_fastest"] = ({} if args.thl_mode == "eager"
+                                 else {"compile_step": True, "compile_mode": args.thl_mode})
+    report["pinned_gb_per_s"] = pinned_bandwidth(device, 1 << 30)
+    log(f"device {name}, pinned host->device {report['pinned_gb_per_s']} GB/s, parts {parts}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        for part in parts:
+            t = time.perf_counter()
+            try:
+                if part == "speed":
+                    part_speed(cfg, device, report, keep_mode=args.thl_mode != "auto")
+                elif part == "7b":
+                    part_7b(cfg, device, report, workdir)
+                elif part == "bpb":
+                    part_bpb(cfg, device, report, workdir)
+                elif part == "recall":
+                    part_recall(cfg, device, report)
+                elif part == "decode":
+                    report["decode"] = []
+                    for preset in (cfg["std"], cfg["thl"]):
+                        report["decode"] += decode_vs_context(preset, device, cfg["contexts"], cfg["vocab"],
+                                                              cfg["decode"], cfg["real"])
+                elif part == "layered":
+                    report["layered"] = layered_vs_accelerate(cfg["layered"], device, cfg["cap"], cfg["decode"] // 2,
+                                                              cfg["vocab"], report["pinned_gb_per_s"], cfg["batches"])
+            except Exception as e:  # a failing part is recorded; the next one still runs
+                report["part_errors"][part] = error_text(e)
+                log(f"part {part} failed: {report['part_errors'][part]}")
+            report["part_seconds"][part] = time.perf_counter() - t
+            log(f"part {part}: {report['part_seconds'][part]:.1f}s")
+            # compiled steps and their CUDA-graph memory pools go with the part that built them: the next
+            # part (the 7B table's cap above all) starts from an empty device
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_report(report)
     print(markdown(report))
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# the results page
+
+
 def markdown(r: dict[str, Any]) -> str:
-    mb = lambda b: "" if b is None else f"{b / 2**20:,.1f}"  # noqa: E731
-    lines = [f"# THL and the layered engine on {r['device']}", "",
-             f"torch {r['torch']}, commit {r['commit']}. Produced by `benchmarks/gpu_thl.py`"
-             f"{' --tiny (a CPU check, not a measurement)' if r['tiny'] else ''}.", "",
-             "## Training tokens/s (same batch and sequence length, bf16 autocast)", "",
-             "| model | params | batch x seq | tokens/s | s/step | peak MiB |", "|---|---|---|---|---|---|"]
-    for e in r["train"]:
-        label = e["preset"] + (" compile_step" if e.get("compile_step") else "")
-        lines.append(f"| {label} | {e['parameters'] / 1e6:.1f}M | {e['batch']}x{e['seq_len']} | "
-                     f"{e['tokens_per_s']:,.0f} | {e['seconds_per_step']:.3f} | {mb(e['peak_bytes'])} |")
-    if len(r["train"]) >= 2:
-        base = r["train"][0]["tokens_per_s"]
-        lines += ["", "THL / standard: " + ", ".join(
-            f"{e['preset']}{' compile_step' if e.get('compile_step') else ''} {e['tokens_per_s'] / base:.3f}x"
-            for e in r["train"][1:])]
-    lines += ["", "## Decode after N tokens of context (batch 1)", "",
-              "| model | context | tokens prefilled | state MiB | peak MiB | decode tokens/s |",
-              "|---|---|---|---|---|---|"]
-    for e in r["decode"]:
-        lines.append(f"| {e['preset']} | {e['context']:,} | {e['prefilled_tokens']:,} | {mb(e['state_bytes'])} | "
-                     f"{mb(e['peak_bytes'])} | {e['decode_tokens_per_s']:,.1f} |")
-    lines += ["", "THL rows with fewer tokens prefilled than the context: the state after that prefill with its "
-              "position advanced to the context (its tensors have fixed shapes; see the script's docstring)."]
-    lay = r.get("layered")
-    if lay:
-        lines += ["", f"## Layered engine vs accelerate CPU offload ({lay['preset']}, bf16, random weights, "
-                  f"{lay['weight_bytes'] / 1e9:.2f} GB of weights, GPU cap {lay['cap_bytes'] / 2**30:.2f} GiB)", "",
-                  f"Pinned host->device copy: {lay['pinned_gb_per_s'] or 0:.1f} GB/s; batch-1 floor (weight bytes / "
-                  f"bandwidth): {lay.get('floor_tokens_per_s_batch1', 0):.2f} tokens/s.", "",
-                  "| engine | batch | tokens/s | share of the floor | peak MiB | GB/s copied |",
-                  "|---|---|---|---|---|---|"]
-        floor = lay.get("floor_tokens_per_s_batch1")
-        for key, e in lay.items():
-            if key.startswith("layered_batch"):
-                batch = int(key[len("layered_batch"):])
-                share = "" if not floor else f"{e['tokens_per_s'] / batch / floor:.2f}"
-                lines.append(f"| dynlm layered | {batch} | {e['tokens_per_s']:.2f} | {share} | "
-                             f"{mb(e['peak_bytes'])} | {e['gb_copied_per_s']:.1f} |")
-        if "accelerate_batch1" in lay:
-            e = lay["accelerate_batch1"]
-            share = "" if not floor else f"{e['tokens_per_s'] / floor:.2f}"
-            lines.append(f"| accelerate device_map=auto | 1 | {e['tokens_per_s']:.2f} | {share} | "
-                         f"{mb(e['peak_bytes'])} | |")
-        if "accelerate_error" in lay:
-            lines.append(f"\naccelerate failed: {lay['accelerate_error']}")
-    if r["skipped"]:
-        lines += ["", "Skipped (time budget): " + "; ".join(r["skipped"])]
+    mib = lambda b: "" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
+    lines = [f"# THL: 7B table, bits per byte, recall, training speed ({r['device']})", "",
+             f"torch {r['torch']}, commit {r['commit']}. Produced by `benchmarks/gpu_thl.py --parts "
+             f"{','.join(r['parts'])}`{' --smoke (a CPU check, not a measurement)' if r['smoke'] else ''}. "
+             f"Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in r["part_seconds"].items())
+             + f"; total {r.get('seconds', 0):.0f}.", ""]
+    for part, err in r["part_errors"].items():
+        lines += [f"Part {part} failed: {err}", ""]
+    if r.get("speed"):
+        lines += ["## Training tokens/s at about equal parameters (bf16 autocast, one TrainStep)", "",
+                  "| model | params | batch x seq | tokens/s | vs standard | s/step | peak MiB |",
+                  "|---|---|---|---|---|---|---|"]
+        first = r["speed"][0]  # the standard model
+        base = None if "error" in first else first["tokens_per_s"]
+        for e in r["speed"]:
+            label = e["preset"] + "".join(f" {k}={e[k]}" for k in ("compile_step", "compile_mode") if k in e)
+            if "error" in e:
+                lines.append(f"| {label} | | | failed: {e['error']} | | | |")
+                continue
+            ratio = f"{e['tokens_per_s'] / base:.3f}x" if base else ""
+            lines.append(f"| {label} | {e['parameters'] / 1e6:.1f}M | {e['batch']}x{e['seq_len']} | "
+                         f"{e['tokens_per_s']:,.0f} | {ratio} | {e['seconds_per_step']:.3f} | {mib(e['peak_bytes'])} |")
+    profiled = [e for e in r.get("speed", []) if "profile" in e]
+    if profiled:
+        lines += ["", "### Where the time goes (one profiled training step)", "",
+                  "| model | wall s | GPU busy s | GPU busy share | kernels per trained token | kernels per position "
+                  "(all rows) | top CPU ops (share of wall) |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in profiled:
+            label = row["preset"] + "".join(f" {k}={row[k]}" for k in ("compile_step", "compile_mode") if k in row)
+            e = row["profile"]
+            if "error" in e:
+                lines.append(f"| {label} | profile failed: {e['error']} | | | | | |")
+                continue
+            share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
+            kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
+            per_position = e.get("kernels_per_recurrence_step")
+            kernels += " | " + ("" if per_position is None else f"{per_position:.0f}")
+            ops = ", ".join(f"{o['op'].strip('# ')[:40]} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
+            lines.append(f"| {label} | {e['wall_seconds']:.3f} | {e['device_busy_seconds']:.3f} | {share} | "
+                         f"{kernels} | {ops} |")
+        lines += ["", "GPU busy share: kernel time / wall time of the step; far below 1 means the GPU waits for "
+                  "the host to launch work (per-token overhead), not for arithmetic."]
+    s7 = r.get("7b")
+    if s7:
+        lines += ["", f"## The 7B table: layered engine under a {s7['cap_bytes'] / 2**30:.1f} GiB GPU cap (random "
+                  "weights, bf16)", "",
+                  f"Pinned host->device copy: {s7.get('pinned_gb_per_s') or 0:.1f} GB/s. The cap is enforced on the "
+                  f"whole process (`torch.cuda.set_per_process_memory_fraction`); the engine's weight budget is the "
+                  f"cap minus the resident weights, the state (KV cache or THL state) and "
+                  f"{s7['headroom_bytes'] / 2**20:.0f} MiB of headroom for activations.", ""]
+        for m in s7.get("models", []):
+            floor = m.get("floor_tokens_per_s_batch1")
+            lines.append(f"- {m['model']}: {m['parameters'] / 1e9:.2f}B parameters, "
+                         f"{m['weight_bytes'] / 1e9:.1f} GB of "
+                         f"weights, built in {m['build_seconds']:.0f} s"
+                         + (f"; batch-1 floor (bytes / bandwidth) {floor:.2f} tokens/s" if floor else ""))
+        lines += ["", "| model | weights from | batch | context | state MiB | tokens/s | s/step | share of floor "
+                  "(per row) | peak allocated MiB | peak reserved MiB | GB copied/step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        floors = {m["model"]: m.get("floor_tokens_per_s_batch1") for m in s7.get("models", [])}
+        for e in s7["rows"]:
+            if "error" in e:
+                lines.append(f"| {e['model']} | {e['source']} | {e['batch']} | {e['context']:,} | | {e['error']} "
+                             "| | | | | |")
+                continue
+            floor = floors.get(e["model"])
+            share = f"{e['tokens_per_s'] / e['batch'] / floor:.2f}" if floor else ""
+            lines.append(f"| {e['model']} | {e['source']} | {e['batch']} | {e['context']:,} | "
+                         f"{mib(e['state_bytes'])} | {e['tokens_per_s']:.2f} | {e['seconds_per_step']:.2f} | {share} | "
+                         f"{mib(e['peak_allocated'])} "
+                         f"| {mib(e['peak_reserved'])} | {e['gb_copied_per_step']:.1f} |")
+        lines += ["", f"Llama-2-7B's own shape (32 KV heads) would need a KV cache of "
+                  f"{s7.get('llama2_7b_kv_bytes_8k_batch1', 0) / 2**30:.2f} GiB at 8K tokens, batch 1 (bf16), against "
+                  f"a cap of {s7['cap_bytes'] / 2**30:.2f} GiB for everything: with a layer of weights beside it, it "
+                  "cannot fit, so the standard 7B here has 8 KV heads (Mistral-7B's shape) and its KV cache stays on "
+                  "the GPU (rows whose state does not fit say so). "
+                  "THL rows: 4 real tokens prefilled, then the position set to the context (its state has a fixed "
+                  "shape, so its bytes and its step cost cannot depend on the context).",
+                  "", "Perplexity: these are random weights; their perplexity is that of noise and says nothing about "
+                  "a trained THL-7B or Transformer-7B. The design document's 12.4 vs 11.8 can only be checked with "
+                  "trained 7B models, which do not exist for THL; the bits-per-byte section below compares small "
+                  "trained models instead."]
+    bpb = r.get("bpb")
+    if bpb:
+        lines += ["", f"## Bits per byte at equal parameters and equal training tokens ({bpb['corpus']}, bytes)", "",
+                  f"Both trained through `dynlm.train` for {bpb['steps']} steps of {bpb['batch']} x {bpb['seq_len']} "
+                  f"tokens, same schedule and seed; val bpb on the validation bytes scored at the end. THL's step: "
+                  f"{bpb.get('thl_step') or 'eager'}.", "",
+                  "| model | params | steps | tokens | train s | val bpb |", "|---|---|---|---|---|---|"]
+        for e in bpb["rows"]:
+            if "error" in e:
+                lines.append(f"| {e['model']} | failed: {e['error']} | | | | |")
+                continue
+            val = "" if e["val_bpb"] is None else f"{e['val_bpb']:.3f}"
+            lines.append(f"| {e['model']} | {e['parameters'] / 1e6:.1f}M | {e['steps']} | {e['tokens']:,} | "
+                         f"{e['train_seconds']:.0f} | {val} |")
+    rec = r.get("recall")
+    if rec:
+        dist = rec["distances"]
+        lines += ["", f"## Key-value recall at increasing distance ({rec['pairs']} pairs; chance {rec['chance']:.3f})",
+                  "", f"Trained on sequences of {rec['train_seq_len']} tokens (filler up to "
+                  f"{rec['train_seq_len'] - 4 * rec['pairs']}), batch {rec['batch']}, the same steps for both "
+                  "(THL's time budget set them); loss on the recalled values only. Accuracy = recalled values "
+                  "predicted exactly, after N filler tokens between the pairs and the queries. THL's step: "
+                  f"{rec.get('thl_step') or 'eager'}.", "",
+                  "| model | params | steps | train s | " + " | ".join(f"N={d:,}" for d in dist) + " |",
+                  "|---|---|---|---|" + "---|" * len(dist)]
+        for e in rec["rows"]:
+            if "error" in e:
+                lines.append(f"| {e['model']} | failed: {e['error']} |")
+                continue
+            acc = " | ".join(f"{e['accuracy'].get(str(d), float('nan')):.3f}" for d in dist)
+            lines.append(f"| {e['model']} | {e['parameters'] / 1e6:.2f}M | {e['steps']} | {e['train_seconds']:.0f} | "
+                         f"{acc} |")
+        lines += ["", "Distances beyond the training length test extrapolation for both; the standard model's "
+                  "positions reach further than it was trained on."]
     return "\n".join(lines)
 
 

@@ -73,3 +73,18 @@ def test_context_longer_than_the_positions_is_an_error():
     limit = engine.model.config.max_position_embeddings
     with pytest.raises(ContextLengthError, match=str(limit)):
         engine.generate(torch.zeros(1, 8, dtype=torch.long), max_new_tokens=limit)
+
+
+@pytest.mark.parametrize("arch", ["standard", "thl"])
+def test_streaming_from_a_memory_mapped_checkpoint(arch, tmp_path):
+    model = tiny(arch)
+    model.save_pretrained(tmp_path / "ckpt")
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(x).logits
+    engine = LayeredEngine.from_checkpoint(tmp_path / "ckpt", device="cpu")
+    torch.testing.assert_close(engine(x).logits, full, atol=1e-5, rtol=1e-5)
+    # the host weights are views of the mapped file, not copies of it
+    file_bytes = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    storages = {h.tensors[0].untyped_storage().nbytes() for unit in engine.unit_params for h in unit}
+    assert storages == {file_bytes}

@@ -11,6 +11,7 @@ import torch
 
 import dynlm
 from dynlm.data.tokenizers import ByteTokenizer
+from dynlm.errors import ConfigError
 from dynlm.models.thl import THLModel, THLState
 from dynlm.nn.local_attention import FifoAttention, fifo_attention_reference
 from dynlm.nn.recurrent import GRUCell
@@ -214,3 +215,18 @@ def test_quick_start_api_on_a_small_model():
         step_logits, state = engine.step(torch.tensor([[int(token)]]), state)
         steps.append(step_logits)
     torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ConfigError, match="compile_mode"):
+        dynlm.build_model("thl-tiny", compile_mode="max-speed")
+
+
+def test_detached_state_is_a_copy():
+    # a CUDA-graphed step reuses its output memory on the next replay: the carried state must not alias it
+    model = tiny().eval()
+    with torch.no_grad():
+        state = model(torch.randint(0, VOCAB, (2, 5)), state=model.init_state(2)).state
+    detached = state.detach()
+    for a, b in zip(state.tensors(), detached.tensors()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()

@@ -98,9 +98,9 @@ def is_dynlm_checkpoint(directory: str | Path) -> bool:
 
 
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                    strict: bool = True) -> None:
-    """Copy tensors into the model; a missing, unexpected or misshapen tensor is an error naming
-    the source file and the tensor."""
+                    strict: bool = True, assign: bool = False) -> None:
+    """Copy tensors into the model (`assign=True`: the tensors become the parameters, no copy);
+    a missing, unexpected or misshapen tensor is an error naming the source file and the tensor."""
     expected = model_state_dict_shapes(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -115,7 +115,7 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                                   f"the config expects {shape}")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=assign)
 
 
 def model_state_dict_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -19,6 +19,12 @@ Optional int8 weight-only compression (`int8=True`): every 2-D weight of a unit 
 host as int8 with one fp scale per output row, copied as int8 (half of bf16's bytes) and
 dequantized on the GPU. Outputs then differ from the full-precision model by the rounding.
 
+Weights from disk (`LayeredEngine.from_checkpoint(directory)`): the model is built with its
+parameters on the meta device (no memory, no initialisation) and every streamed weight is a view
+of the checkpoint's safetensors file mapped into memory, so the host holds no copy of its own:
+the operating system pages the file in when a unit is copied (and may drop it again under memory
+pressure). Copies from mapped pages are not pinned, so they run slower than from pinned memory.
+
 Without a GPU (device="cpu") the same path runs with host-to-host copies: that is how the
 equality with the normal forward is tested on CPU.
 """
@@ -26,14 +32,19 @@ equality with the normal forward is tested on CPU.
 from __future__ import annotations
 
 import contextlib
+import json
+import mmap
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dynlm.errors import ConfigError, ContextLengthError, DynlmError
+from dynlm.checkpoint import load_state_into, read_config, safetensors_files
+from dynlm.config import model_config
+from dynlm.errors import CheckpointError, ConfigError, ContextLengthError, DynlmError
 from dynlm.infer.sampling import SamplingConfig, select_next
 
 
@@ -82,6 +93,59 @@ def streamable_units(model: nn.Module) -> list[nn.Module]:
     return [u for u in units if _nbytes(u) * 16 >= largest]
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: no memory and no
+    initialisation cost (a 7B model is built in a second). Buffers are built as usual (rotary
+    tables and the like are computed, not loaded)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file as views of the file mapped into memory (copy on
+    write: the file is never modified; nothing is read before a tensor is used)."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    data = torch.frombuffer(mapped, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor '{name}' has dtype {info['dtype']}, which the layered engine "
+                                  f"cannot map (supported: {', '.join(_SAFETENSORS_DTYPES)})")
+        start, end = info["data_offsets"]
+        raw = data[base + start:base + end]
+        size = torch.empty((), dtype=dtype).element_size()
+        if (base + start) % size:  # misaligned for its dtype: this one tensor is copied
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(info["shape"])
+    return tensors
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: weight [O, I] -> (q int8 [O, I], scale [O, 1]) with weight ≈ q·scale."""
     scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
@@ -94,7 +158,7 @@ class _HostParam:
 
     def __init__(self, param: nn.Parameter, dtype: torch.dtype, pin: bool, int8: bool):
         self.param = param
-        data = param.data.to(dtype)
+        data = param.data.to("cpu", dtype)
         self.int8 = int8 and data.dim() == 2
         if self.int8:
             q, scale = quantize_int8(data)
@@ -123,10 +187,13 @@ class _HostParam:
 class LayeredEngine:
     """Runs `model` (on the host, weights loaded) on `device` with at most `max_gpu_memory` bytes
     of weights there. The engine takes the model over: its streamed weights live in the engine's
-    host copies from now on (the module holds placeholders while a unit is not loaded)."""
+    host copies from now on (the module holds placeholders while a unit is not loaded).
+    `pin_memory=False` streams from the weights where they are (e.g. a mapped file) instead of
+    pinned copies of them."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cuda", max_gpu_memory: int | None = None,
-                 int8: bool = False, dtype: torch.dtype | None = None, prefetch: bool = True):
+                 int8: bool = False, dtype: torch.dtype | None = None, prefetch: bool = True,
+                 pin_memory: bool = True):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' asked for but no CUDA device is available", "use device='cpu'")
@@ -150,7 +217,7 @@ class LayeredEngine:
             entries = []
             for p in unit.parameters():
                 if id(p) not in hosts:  # tied weights are one parameter shared by two units
-                    hosts[id(p)] = _HostParam(p, self.dtype, pin=cuda, int8=int8)
+                    hosts[id(p)] = _HostParam(p, self.dtype, pin=cuda and pin_memory, int8=int8)
                 entries.append(hosts[id(p)])
             self.unit_params.append(entries)
         self.unit_bytes = [sum(h.device_bytes for h in entries) for entries in self.unit_params]
@@ -171,6 +238,32 @@ class LayeredEngine:
         for index, unit in enumerate(self.units):
             for module in unit.modules():
                 self.hooks.append(module.register_forward_pre_hook(self._make_hook(index)))
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cuda",
+                        max_gpu_memory: int | None = None, int8: bool = False, dtype: torch.dtype | None = None,
+                        prefetch: bool = True) -> LayeredEngine:
+        """An engine streaming the weights of a dynlm checkpoint straight from its memory-mapped
+        safetensors files (no copy of the weights in host memory; see the module docstring)."""
+        from dynlm.registry import get_architecture
+
+        directory = Path(directory)
+        section = read_config(directory).get("dynlm")
+        if not isinstance(section, dict) or "config" not in section:
+            raise CheckpointError(f"{directory / 'config.json'}: no 'dynlm' section; the layered engine maps "
+                                  "dynlm checkpoints (convert others with `dynlm convert`)")
+        config = model_config(section["config"])
+        _, model_class = get_architecture(config.type)
+        with parameters_on_meta():
+            model = model_class(config)
+        tensors: dict[str, torch.Tensor] = {}
+        for path in safetensors_files(directory):
+            tensors.update(mmap_safetensors(path))
+        load_state_into(model, tensors, str(directory), assign=True)
+        if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return cls(model, device=device, max_gpu_memory=max_gpu_memory, int8=int8, dtype=dtype, prefetch=prefetch,
+                   pin_memory=False)
 
     # -- residency ------------------------------------------------------------------------------
     def _make_hook(self, index: int):

@@ -50,6 +50,8 @@ from dynlm.nn.recurrent import GRUCell
 from dynlm.nn.slot_memory import clip_norm, cosine_novelty, gumbel_noise, slot_usage, sparse_topk_read
 from dynlm.registry import register
 
+COMPILE_MODES = ("default", "reduce-overhead")
+
 
 @dataclass
 class THLConfig(ModelConfig):
@@ -76,6 +78,7 @@ class THLConfig(ModelConfig):
     balance_loss_weight: float = 0.0  # slot-usage balance: weight of KL(read usage || uniform) in aux_loss
     bptt_chunk: int = 64  # training: tokens per truncated-BPTT chunk (0: the whole sequence)
     compile_step: bool = False  # torch.compile the per-token step
+    compile_mode: str = "default"  # torch.compile mode of the step; "reduce-overhead": CUDA graphs while training
     tie_word_embeddings: bool = False  # the head reads K tiers, the embedding writes one vector
     max_position_embeddings: int = 1 << 30  # recurrent: no position limit
 
@@ -110,6 +113,8 @@ class THLConfig(ModelConfig):
         for name in ("write_rate", "read_noise", "balance_loss_weight", "load_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"model.compile_mode must be one of {list(COMPILE_MODES)}, got '{self.compile_mode}'")
         for name in ("memory_decay", "read_ema_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"model.{name} must be in (0, 1], got {getattr(self, name)}")
@@ -156,8 +161,9 @@ class THLState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def detach(self) -> THLState:
-        """The same state cut from the autograd graph (truncated BPTT between chunks)."""
-        return THLState.from_tensors([t.detach() for t in self.tensors()])
+        """The same state cut from the autograd graph (truncated BPTT between chunks). Copied: a
+        CUDA-graphed step writes its outputs into memory that its next replay reuses."""
+        return THLState.from_tensors([t.detach().clone() for t in self.tensors()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +274,20 @@ class THLModel(DynModel):
         self.register_buffer("tier_periods", torch.tensor(c.tier_periods, dtype=torch.long), persistent=False)
         self.noise_generator: torch.Generator | None = None  # set to make the read noise reproducible
         self.init_weights()
-        self._step_fn = torch.compile(self.step, dynamic=False) if c.compile_step else self.step
+        self._step_fn = self.step
+        self._graphed = c.compile_step and c.compile_mode == "reduce-overhead"
+        if c.compile_step:
+            self._step_fn = torch.compile(self.step, dynamic=False, mode=c.compile_mode)
+
+    def _step_for_this_forward(self):
+        """The step to run. CUDA graphs ("reduce-overhead") serve training only: each captured
+        call is a node of the graph tree, so a long inference loop would capture one per token."""
+        if not self._graphed:
+            return self._step_fn
+        if self.training and torch.is_grad_enabled():
+            torch.compiler.cudagraph_mark_step_begin()  # a new chunk: the previous one's outputs are done with
+            return self._step_fn
+        return self.step
 
     @property
     def memory_bank(self) -> NoveltyWriter:
@@ -327,23 +346,27 @@ class THLModel(DynModel):
         local, fifo = self.local_attention(e, state.fifo, state.position)  # [B, T, C], [B, W, C]
         query_e = self.reader.query_e(e)  # [B, T, H*Dh]
         gates0 = self.tiers[0].gates_a(e)  # [B, T, 3C]
-        noisy = self.training and c.read_noise > 0
+        noise = None
+        if self.training and c.read_noise > 0:  # drawn for the whole sequence at once: no per-token launch
+            shape = (t, b, c.read_heads, c.memory_slots)
+            noise = c.read_noise * gumbel_noise(shape, input_ids.device, self.noise_generator)
         tiers, memory, read_ema, write_ema = state.tiers, state.memory, state.read_ema, state.write_ema
         last_read, last_write, position = state.last_read, state.last_write, state.position
-        outputs, usage_sum, gate_sum, novel_sum = [], 0.0, 0.0, 0.0
+        outputs, usages, gates, novels = [], [], [], []
+        step = self._step_for_this_forward()
         for i in range(t):
-            noise = None
-            if noisy:
-                shape = (b, c.read_heads, c.memory_slots)
-                noise = c.read_noise * gumbel_noise(shape, input_ids.device, self.noise_generator)
-            tiers, memory, read_ema, write_ema, last_read, last_write, usage, gate, novel = self._step_fn(
-                query_e[:, i], gates0[:, i], local[:, i], noise, tiers, memory, read_ema, write_ema, last_read,
-                last_write, position)
+            tiers, memory, read_ema, write_ema, last_read, last_write, usage, gate, novel = step(
+                query_e[:, i], gates0[:, i], local[:, i], None if noise is None else noise[i], tiers, memory,
+                read_ema, write_ema, last_read, last_write, position)
             position = position + 1
             outputs.append(tiers)
-            usage_sum = usage_sum + usage
-            gate_sum = gate_sum + gate.detach().mean()
-            novel_sum = novel_sum + novel.float().mean()
+            usages.append(usage)
+            gates.append(gate)
+            novels.append(novel)
+        # the per-token metrics are reduced once per forward, not once per token
+        usage_sum = torch.stack(usages).sum(0)  # [B, J]
+        gate_mean = torch.stack(gates).detach().mean()
+        novel_frac = torch.stack(novels).float().mean()
         h = torch.stack(outputs, dim=2)  # [K, B, T, C]
         h = h.permute(1, 2, 0, 3).reshape(b, t, -1)  # [B, T, K*C]: [s^(0); ...; s^(K-1)]
         logits = self.lm_head(self.out_norm(h.to(e.dtype)))  # [B, T, V]
@@ -353,7 +376,7 @@ class THLModel(DynModel):
         p = usage_sum / usage_sum.sum(dim=-1, keepdim=True).clamp(min=1e-9)  # [B, J]
         balance_kl = (p * (p.clamp(min=1e-9).log() + math.log(c.memory_slots))).sum(-1).mean()
         aux_loss = c.balance_loss_weight * balance_kl if c.balance_loss_weight > 0 and self.training else None
-        metrics = {"write_gate": gate_sum / t, "novel_frac": novel_sum / t, "read_balance_kl": balance_kl.detach(),
+        metrics = {"write_gate": gate_mean, "novel_frac": novel_frac, "read_balance_kl": balance_kl.detach(),
                    "slots_used": (last_write >= 0).float().mean()}
         new_state = None
         if carried or use_cache:
