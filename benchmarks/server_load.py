@@ -57,7 +57,8 @@ class Server:
             command += ["--db", str(db), "--context-budget", "1024"]
         path = [str(Path(__file__).parent.parent / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="server_load_", suffix=".log")  # noqa: SIM115
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
@@ -68,7 +69,9 @@ class Server:
                 return self
             except httpx.TransportError:
                 if time.time() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
+                    self.log.seek(0)
+                    tail = "".join(self.log.readlines()[-20:])
+                    raise RuntimeError(f"the server did not start; its output ends:\n{tail}") from None
                 time.sleep(0.3)
 
     def __exit__(self, *exc) -> None:
