@@ -324,7 +324,8 @@ def enforce_cap(device: torch.device, cap: int | None) -> None:
         return
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap is None else cap / total, index)
 
 
 def empty_host_cache() -> None:
