@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +12,9 @@ import provenance
 from quickstart_cpu import cpu_model
 
 
-def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the src tree id says what ran
-        commit, dirty = provenance.commit(), False
+def environment(given_commit: str | None = None) -> dict[str, Any]:
     return {"device": f"CPU: {cpu_model()}, {os.cpu_count()} cores, shared with other jobs while measured",
-            "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else "")}
+            "python": platform.python_version(), "commit": provenance.commit(given_commit)}
 
 
 def write_results(out: Path, stem: str, report: dict[str, Any], markdown: list[str]) -> None:

@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.random_weights:
         parser.error("give --model or --random-weights")
     prompts = [json.loads(line)["prompt"] for line in (DATA / "heldout.jsonl").read_text().splitlines()]
-    env = environment()
-    if env["commit"].startswith("no git") and args.commit:
-        env["commit"] += f"; --commit {args.commit} given by hand"
+    env = environment(args.commit)
     device = device_label(args.device)
     rows = load_previous(args.out)
     report = {"python": env["python"], "max_tokens": 32, "rows": rows}
