@@ -201,6 +201,7 @@ class StaticLayerKVCache:
         position = last - torch.remainder(last - torch.arange(slots, device=k.device), slots)  # [slots]
         cache.slot_positions = torch.where(position >= 0, position, torch.full_like(position, EMPTY_SLOT))
         cache.length = 0  # host counter unknown (a traced cursor): no host-side length check
+        cache.attend = None  # every slot: the exported step has no host-side length buckets
         return cache
 
     @property
