@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import dynlm
-from dynlm.infer.layered import LayeredEngine
+from dynlm.infer.layered import LayeredEngine, MemoryCapError
 from dynlm.train.trainer import TrainStep
 
 T0 = time.perf_counter()
@@ -422,15 +422,13 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
             for batch, context in runs:
                 row = {"model": name, "source": "pinned host memory", "batch": batch, "context": context}
                 try:
-                    state_bytes = model.state_nbytes(model.init_state(batch, device="meta", dtype=dtype,
-                                                                      max_length=context + cfg["new7b"] + 2))
-                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom  # weights get the rest
-                    if engine.budget < max(engine.unit_bytes):
-                        row["error"] = (f"does not fit: state {state_bytes / 2**30:.2f} GiB + largest unit "
-                                        f"{max(engine.unit_bytes) / 2**30:.2f} GiB + headroom > cap")
-                    else:
-                        row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
-                                                  cap, device, cfg["prefill_chunk"]))
+                    # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
+                    engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
+                                                            max_length=context + cfg["new7b"] + 2), headroom)
+                    row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
+                                              cap, device, cfg["prefill_chunk"]))
+                except MemoryCapError as e:
+                    row["error"] = f"does not fit: {e}"
                 except Exception as e:
                     row["error"] = error_text(e)
                 section["rows"].append(row)
@@ -447,9 +445,8 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                     enforce_cap(device, cap)
                     engine = LayeredEngine.from_checkpoint(ckpt, device=device, max_gpu_memory=cap, dtype=dtype)
                     model = engine.model
-                    state_bytes = model.state_nbytes(model.init_state(1, device="meta", dtype=dtype,
-                                                                      max_length=cfg["mmap_context"] + 8))
-                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom
+                    engine.fit_to_cap(cap, model.init_state(1, device="meta", dtype=dtype,
+                                                            max_length=cfg["mmap_context"] + 8), headroom)
                     row.update(layered_decode(engine, model, 1, cfg["mmap_context"], cfg["mmap_new"],
                                               arch_cfg["vocab_size"], cap, device, cfg["prefill_chunk"]))
                     del engine, model
