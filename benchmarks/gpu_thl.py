@@ -20,6 +20,9 @@ recall  a synthetic key-value recall task (4 key/value pairs, then N filler toke
         (loss on the recalled values only), evaluated at 64 .. 8K filler tokens.
 decode  (the earlier run's part) decode after 1K .. 256K tokens of context: state bytes, peak, tokens/s.
 layered (the earlier run's part) layered engine vs accelerate CPU offload on a 1.5B model.
+budget  the 7B table's memory arithmetic from the shapes alone (meta device, no GPU, seconds): every
+        streamed unit's bytes, each row's state as allocated and as the first 7B run counted it (filled
+        positions: 0 for a pre-allocated KV cache), the weight budget the cap leaves, the largest units.
 
     python benchmarks/gpu_thl.py --out $OUT [--parts 7b,speed,bpb,recall] [--commit SHA]
     python benchmarks/gpu_thl.py --out /tmp/x --smoke     # tiny shapes, runs on CPU (a check)
@@ -36,6 +39,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +52,7 @@ import torch
 from torch import nn
 
 import dynlm
-from dynlm.infer.layered import LayeredEngine
+from dynlm.infer.layered import LayeredEngine, MemoryCapError
 from dynlm.train.trainer import TrainStep
 
 T0 = time.perf_counter()
@@ -422,15 +426,13 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
             for batch, context in runs:
                 row = {"model": name, "source": "pinned host memory", "batch": batch, "context": context}
                 try:
-                    state_bytes = model.state_nbytes(model.init_state(batch, device="meta", dtype=dtype,
-                                                                      max_length=context + cfg["new7b"] + 2))
-                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom  # weights get the rest
-                    if engine.budget < max(engine.unit_bytes):
-                        row["error"] = (f"does not fit: state {state_bytes / 2**30:.2f} GiB + largest unit "
-                                        f"{max(engine.unit_bytes) / 2**30:.2f} GiB + headroom > cap")
-                    else:
-                        row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
-                                                  cap, device, cfg["prefill_chunk"]))
+                    # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
+                    engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
+                                                            max_length=context + cfg["new7b"] + 2), headroom)
+                    row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
+                                              cap, device, cfg["prefill_chunk"]))
+                except MemoryCapError as e:
+                    row["error"] = f"does not fit: {e}"
                 except Exception as e:
                     row["error"] = error_text(e)
                 section["rows"].append(row)
@@ -447,9 +449,8 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                     enforce_cap(device, cap)
                     engine = LayeredEngine.from_checkpoint(ckpt, device=device, max_gpu_memory=cap, dtype=dtype)
                     model = engine.model
-                    state_bytes = model.state_nbytes(model.init_state(1, device="meta", dtype=dtype,
-                                                                      max_length=cfg["mmap_context"] + 8))
-                    engine.budget = cap - engine.resident_bytes - state_bytes - headroom
+                    engine.fit_to_cap(cap, model.init_state(1, device="meta", dtype=dtype,
+                                                            max_length=cfg["mmap_context"] + 8), headroom)
                     row.update(layered_decode(engine, model, 1, cfg["mmap_context"], cfg["mmap_new"],
                                               arch_cfg["vocab_size"], cap, device, cfg["prefill_chunk"]))
                     del engine, model
@@ -461,6 +462,43 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                 gc.collect()
     finally:
         enforce_cap(device, None)
+
+
+def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
+    from dynlm.config import model_config
+    from dynlm.infer.layered import parameters_on_meta, state_capacity_bytes, streamable_units
+
+    cap, headroom, element = cfg["cap7b"], cfg["headroom7b"], 2  # bf16, as in the 7b part
+    section = report["budget"] = {"cap_bytes": cap, "headroom_bytes": headroom, "models": []}
+    for name, arch_cfg, runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"]),
+                                 ("standard-7b", cfg["std7b"], cfg["std7b_runs"] + [(1, cfg["mmap_context"])])):
+        with parameters_on_meta():
+            model = dynlm.build_model(model_config(dict(arch_cfg)))
+        names = {id(m): n for n, m in model.named_modules()}
+        units = streamable_units(model)
+        unit_bytes: dict[str, list[int]] = {}  # "model.layers.N" -> [bytes, count]
+        for unit in units:
+            key = re.sub(r"\.\d+(?=\.|$)", ".N", names[id(unit)])
+            entry = unit_bytes.setdefault(key, [sum(p.numel() for p in unit.parameters()) * element, 0])
+            entry[1] += 1
+        in_units = {id(p) for u in units for p in u.parameters()}
+        resident = sum(p.numel() for p in model.parameters() if id(p) not in in_units) * element
+        sizes = sorted((b for b, n in unit_bytes.values() for _ in range(n)), reverse=True)
+        rows = []
+        for batch, context in runs:
+            state = model.init_state(batch, device="meta", dtype=torch.bfloat16,
+                                     max_length=context + cfg["new7b"] + 2)
+            allocated, counted = state_capacity_bytes(state), model.state_nbytes(state)
+            rows.append({"batch": batch, "context": context, "state_allocated_bytes": allocated,
+                         "state_counted_by_first_run_bytes": counted,
+                         "weight_budget_first_run": cap - resident - counted - headroom,
+                         "weight_budget": cap - resident - allocated - headroom})
+        unique = {id(p): p for p in model.parameters()}.values()  # a tied embedding and head count once
+        section["models"].append({"model": name, "weight_bytes": sum(p.numel() for p in unique) * element,
+                                  "resident_bytes": resident,
+                                  "units": {k: {"bytes": b, "count": n} for k, (b, n) in unit_bytes.items()},
+                                  "largest_unit_bytes": sizes[0], "two_largest_units_bytes": sum(sizes[:2]),
+                                  "rows": rows})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +769,7 @@ def configs(smoke: bool) -> dict[str, Any]:
         recall_thl=dict(type="thl", num_tiers=3, memory_slots=1024, read_heads=4, local_query_dim=64, bptt_chunk=0))
 
 
-PARTS = ("speed", "7b", "bpb", "recall", "decode", "layered")
+PARTS = ("speed", "7b", "bpb", "recall", "decode", "layered", "budget")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -785,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                     part_speed(cfg, device, report, keep_mode=args.thl_mode != "auto")
                 elif part == "7b":
                     part_7b(cfg, device, report, workdir)
+                elif part == "budget":
+                    part_budget(cfg, report)
                 elif part == "bpb":
                     part_bpb(cfg, device, report, workdir)
                 elif part == "recall":
@@ -826,6 +866,31 @@ def markdown(r: dict[str, Any]) -> str:
              + f"; total {r.get('seconds', 0):.0f}.", ""]
     for part, err in r["part_errors"].items():
         lines += [f"Part {part} failed: {err}", ""]
+    if r.get("budget"):
+        b = r["budget"]
+        mib1 = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+        lines += [f"## The 7B table's memory arithmetic under a {b['cap_bytes'] / 2**30:.1f} GiB cap "
+                  "(shapes only, bf16)", "",
+                  f"Weight budget = cap - resident weights - state - {mib1(b['headroom_bytes'])} MiB of headroom. "
+                  "'State as the first run counted': the state's filled positions (0 for a pre-allocated KV "
+                  "cache), which is what the 7B run of commit 5651739 subtracted.", ""]
+        for m in b["models"]:
+            units = ", ".join(f"{k}{' x ' + str(u['count']) if u['count'] > 1 else ''} {mib1(u['bytes'])} MiB"
+                              for k, u in m["units"].items())
+            lines += [f"- {m['model']}: {m['weight_bytes'] / 1e9:.2f} GB of weights; resident "
+                      f"{m['resident_bytes']:,} bytes; streamed units: {units}; largest unit "
+                      f"{mib1(m['largest_unit_bytes'])} MiB, the two largest {mib1(m['two_largest_units_bytes'])} MiB",
+                      "", "| model | batch | context | state allocated MiB | state as the first run counted MiB | "
+                      "weight budget then MiB | weight budget now MiB | largest unit fits | two largest fit |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for row in m["rows"]:
+                budget = row["weight_budget"]
+                cells = [m["model"], str(row["batch"]), f"{row['context']:,}", mib1(row["state_allocated_bytes"]),
+                         mib1(row["state_counted_by_first_run_bytes"]), mib1(row["weight_budget_first_run"]),
+                         mib1(budget), "yes" if budget >= m["largest_unit_bytes"] else "no",
+                         "yes" if budget >= m["two_largest_units_bytes"] else "no"]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     if r.get("speed"):
         lines += ["## Training tokens/s at about equal parameters (bf16 autocast, one TrainStep)", "",
                   "| model | params | batch x seq | tokens/s | vs standard | s/step | peak MiB |",

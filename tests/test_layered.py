@@ -10,7 +10,7 @@ import torch
 import dynlm
 from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer.generate import generate_ids
-from dynlm.infer.layered import LayeredEngine, MemoryCapError, parse_bytes, streamable_units
+from dynlm.infer.layered import LayeredEngine, MemoryCapError, parse_bytes, state_capacity_bytes, streamable_units
 
 VOCAB = 97
 ARCHITECTURES = dynlm.list_architectures()
@@ -55,6 +55,29 @@ def test_int8_weights_stay_close():
 def test_memory_cap_smaller_than_a_layer_is_an_error():
     with pytest.raises(MemoryCapError, match="smaller than one layer"):
         LayeredEngine(tiny("standard"), device="cpu", max_gpu_memory=1000)
+
+
+def test_cap_budget_counts_a_preallocated_kv_cache_in_full():
+    """The 7B table's standard rows ran out of memory because an empty pre-allocated KV cache
+    counted as 0 bytes (state_nbytes counts filled positions): the budget must subtract its capacity."""
+    model = tiny("standard")
+    c = model.config
+    batch, length = 3, 40
+    kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * c.head_dim * length * 4  # k and v, fp32
+    state = model.init_state(batch, device="meta", dtype=torch.float32, max_length=length)
+    assert state_capacity_bytes(state) == kv_bytes
+    engine = LayeredEngine(model, device="cpu")
+    cap, headroom = 10 * 2**20, 2**20
+    engine.fit_to_cap(cap, state, headroom)
+    assert engine.budget == cap - engine.resident_bytes - kv_bytes - headroom
+    with pytest.raises(MemoryCapError, match="largest unit"):
+        engine.fit_to_cap(engine.resident_bytes + kv_bytes + headroom + max(engine.unit_bytes) - 1, state, headroom)
+
+
+def test_thl_state_capacity_is_its_fixed_tensors():
+    model = tiny("thl")
+    state = model.init_state(2, device="meta")
+    assert state_capacity_bytes(state) == model.state_nbytes(state) > 0
 
 
 @pytest.mark.parametrize("text,value", [("300MB", 300_000_000), ("4GiB", 4 * 2**30), ("1.5 GB", 1_500_000_000)])

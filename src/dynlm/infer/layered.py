@@ -146,6 +146,29 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def state_capacity_bytes(state: Any) -> int:
+    """Bytes of device memory a state holds, allocated capacity included: a KV cache allocated
+    for `max_length` positions counts in full before any position is filled (`state_nbytes`
+    counts filled positions only, which is what a state *stores*, not what it *occupies*)."""
+    seen: set[int] = set()
+
+    def visit(value: Any) -> int:
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(visit(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(visit(v) for v in value)
+        if hasattr(value, "__dict__"):
+            return sum(visit(v) for v in vars(value).values())
+        return 0
+
+    return visit(state)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: weight [O, I] -> (q int8 [O, I], scale [O, 1]) with weight ≈ q·scale."""
     scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
@@ -264,6 +287,19 @@ class LayeredEngine:
             model.lm_head.weight = model.model.embed_tokens.weight
         return cls(model, device=device, max_gpu_memory=max_gpu_memory, int8=int8, dtype=dtype, prefetch=prefetch,
                    pin_memory=False)
+
+    def fit_to_cap(self, cap: int, state: Any, headroom: int) -> None:
+        """Set the weight budget for a cap on everything the process holds on the device: `cap`
+        minus the resident weights, the state's allocated bytes (`state_capacity_bytes`) and
+        `headroom` (activations, allocator slack). MemoryCapError if one unit does not fit."""
+        state_bytes = state_capacity_bytes(state)
+        budget = cap - self.resident_bytes - state_bytes - headroom
+        largest = max(self.unit_bytes, default=0)
+        if budget < largest:
+            raise MemoryCapError(f"cap {cap / 2**30:.2f} GiB < state {state_bytes / 2**30:.2f} GiB + largest unit "
+                                 f"{largest / 2**30:.2f} GiB + resident {self.resident_bytes / 2**30:.2f} GiB + "
+                                 f"headroom {headroom / 2**30:.2f} GiB")
+        self.budget = budget
 
     # -- residency ------------------------------------------------------------------------------
     def _make_hook(self, index: int):
