@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -60,3 +61,13 @@ def commit(given: str | None = None) -> str:
         pass
     label = f"src tree {src} (= git rev-parse COMMIT:src)"
     return label + (f"; --commit {given} given by hand" if given else "")
+
+
+def short(label: str) -> str:
+    """`label` from `commit()` cut to fit a table cell: a commit's first 10 characters, or the src
+    tree id's first 12 with the hand-given commit beside it."""
+    match = re.match(r"src tree ([0-9a-f]{40}).*?(?:--commit (\S+) given by hand)?$", label)
+    if match:
+        tree, given = match.groups()
+        return f"src tree {tree[:12]}" + (f" (given: {given})" if given else "")
+    return label if label.startswith("no git") else label[:10]

@@ -17,7 +17,8 @@ Per level: completion tokens per second over the whole level, requests per secon
 (request sent -> [DONE]) p50/p95 and time to first token p50/p95. With `--memory`, one more
 level at concurrency 1 where the server has a memory database (MiniLM retrieval, context budget
 1024) and every request names a conversation: the end-to-end latency a chat user sees.
-Writes server_load.json and server_load.md.
+Writes server_load.json and server_load.md; `--render-only` rewrites the .md from the .json in
+`--out` without measuring.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import provenance  # noqa: E402
 from serve_common import environment, write_results  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "router"
@@ -190,7 +192,7 @@ def markdown(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} | {r['device']} | {label} | {r['requests']} | {r['tokens_per_s']:.1f} "
                      f"| {r['requests_per_s']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} "
                      f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['server_cpu_ms_per_token']:.1f} "
-                     f"| {r['commit'] if r['commit'].startswith('no git') else r['commit'][:10]} |")
+                     f"| {provenance.short(r['commit'])} |")
     return lines
 
 
@@ -206,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="also measure concurrency 1 with a memory database")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--commit", help="the commit measured, where the tree has no .git")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite server_load.md in --out from its server_load.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        report = json.loads((args.out / "server_load.json").read_text())
+        write_results(args.out, "server_load", report, markdown(report["rows"]))
+        return 0
     if not args.model and not args.random_weights:
         parser.error("give --model or --random-weights")
     prompts = [json.loads(line)["prompt"] for line in (DATA / "heldout.jsonl").read_text().splitlines()]
