@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     ("F.scaled_dot_product_attention(enable_gqa=...)", (2, 5), r"enable_gqa="),
     ("torch.nn.utils.get_total_norm", (2, 6), r"get_total_norm\("),
-    ("torch.distributed.fsdp.fully_shard (FSDP2, public)", (2, 6), r"from torch\.distributed\.fsdp import fully_shard"),
+    ("torch.distributed.fsdp.fully_shard (FSDP2, public)", (2, 6), r"from torch\.distributed\.fsdp import [\w, ]*\bfully_shard"),
     ("torch.nn.attention.sdpa_kernel", (2, 3), r"from torch\.nn\.attention import .*sdpa_kernel"),
     ("torch.distributed.checkpoint.state_dict", (2, 2), r"torch\.distributed\.checkpoint\.state_dict"),
 ]
@@ -56,5 +56,5 @@ def test_every_listed_api_is_still_used():
 def test_the_installed_torch_has_them():
     assert "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # a builtin: no signature
     assert callable(torch.nn.utils.get_total_norm)
-    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
     from torch.nn.attention import sdpa_kernel  # noqa: F401
