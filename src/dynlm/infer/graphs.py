@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dynlm.errors import ConfigError
 from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
 
@@ -58,8 +59,9 @@ def static_state(model: TransformerLM, batch_size: int, capacity: int,
     """The model's state with preallocated static layer caches of `capacity` positions (a ring of
     `sliding_window` slots for windowed layers)."""
     c = model.config
-    device = device if device is not None else model.lm_head.weight.device
-    dtype = dtype or model.lm_head.weight.dtype
+    embedding = model.model.embed_tokens.weight  # the activations' device and dtype
+    device = device if device is not None else embedding.device
+    dtype = dtype or embedding.dtype
     state = model.init_state(batch_size, device=device, dtype=dtype)
     state.layers = [StaticLayerKVCache(batch_size, c.num_kv_heads, c.head_dim, capacity,
                                        c.sliding_window if c.uses_sliding_window(i) else None, device, dtype)
@@ -97,12 +99,19 @@ class GraphDecoder:
     CUDA (see the module doc). Elsewhere (`capture` False) the steps run eagerly on the same
     preallocated buffers: no allocation per token."""
 
-    def __init__(self, model: TransformerLM, prefill_chunk: int = 512):
+    def __init__(self, model: TransformerLM, prefill_chunk: int = 512, compile: bool = False):
         if not supports_static_cache(model):
             raise TypeError(f"{type(model).__name__} has no KV cache to make static")
         self._model = weakref.ref(model)  # the per-model cache below must not keep the model alive
         self.prefill_chunk = prefill_chunk
         self.capture = next(model.parameters()).device.type == "cuda"
+        if compile and self.capture:
+            raise ConfigError("compile=True compiles the eager static-cache step (CPU decoding)",
+                              "on CUDA the step is captured in a graph already; drop compile")
+        # The one-token step through inductor: fused elementwise ops, no per-op Python dispatch.
+        # The state's host counters become symbolic after the first recompile, so a decode of n
+        # tokens compiles twice, not n times (`tests/test_generate.py`).
+        self.compiled_step = torch.compile(model, dynamic=False) if compile else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.sessions: dict[tuple[int, int], _Session] = {}
         self.session: _Session | None = None
@@ -136,7 +145,7 @@ class GraphDecoder:
         if key not in self.sessions:
             while len(self.sessions) >= MAX_SESSIONS:
                 self.sessions.pop(next(iter(self.sessions)))
-            device = self.model.lm_head.weight.device
+            device = self.model.model.embed_tokens.weight.device
             self.sessions[key] = _Session(static_state(self.model, bucket, capacity),
                                           torch.zeros(bucket, 1, dtype=torch.long, device=device))
         session = self.sessions[key]
@@ -171,7 +180,8 @@ class GraphDecoder:
             self._advance(session.state)
             self.graph_steps += 1
             return session.logits[:b]
-        logits = self.model(session.ids, state=session.state).logits[:, -1]
+        step = self.compiled_step if self.compiled_step is not None else self.model
+        logits = step(session.ids, state=session.state).logits[:, -1]
         self.eager_steps += 1
         if self.capture and session.graph is None and _signature(session.state) == signature:
             self._capture(session, signature)
@@ -223,12 +233,13 @@ def _parameter_key(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t.dtype) for t in list(model.parameters()) + list(model.buffers()))
 
 
-def graph_decoder(model: TransformerLM) -> GraphDecoder:
-    """The model's `GraphDecoder`, kept between calls while its parameters stay where they are."""
-    key = _parameter_key(model)
+def graph_decoder(model: TransformerLM, compile: bool = False) -> GraphDecoder:
+    """The model's `GraphDecoder`, kept between calls while its parameters stay where they are
+    (and `compile` is as before)."""
+    key = (_parameter_key(model), compile)
     cached = _DECODERS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    decoder = GraphDecoder(model)
+    decoder = GraphDecoder(model, compile=compile)
     _DECODERS[model] = (key, decoder)
     return decoder

@@ -35,6 +35,7 @@ from torch import nn
 
 from dynlm.errors import ConfigError, ContextLengthError, DynlmError
 from dynlm.infer.sampling import SamplingConfig, select_next
+from dynlm.nn.quant import quantize_int8
 
 
 class MemoryCapError(DynlmError):
@@ -80,13 +81,6 @@ def streamable_units(model: nn.Module) -> list[nn.Module]:
     visit(model)
     largest = max((_nbytes(u) for u in units), default=0)
     return [u for u in units if _nbytes(u) * 16 >= largest]
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight [O, I] -> (q int8 [O, I], scale [O, 1]) with weight ≈ q·scale."""
-    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-    q = torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(weight.dtype)
 
 
 class _HostParam:
