@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dynlm
-from dynlm.errors import ContextLengthError
+from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer.generate import generate_ids
 from dynlm.infer.graphs import batch_bucket, graph_decoder
 from dynlm.nn import Attention, KVCache, RotaryEmbedding
@@ -153,3 +153,21 @@ def test_kept_decoder_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.slow
+def test_compiled_static_decoder_generates_the_eager_tokens_and_compiles_twice():
+    """`compile=True` (the CPU static-cache step through torch.compile) gives the eager greedy
+    tokens; the cache's host counters turn symbolic after one recompile instead of a compile per
+    position (with `dynamic=False` this decode compiled 8 graphs and then fell back to eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    prompts = torch.randint(0, 97, (2, 7))
+    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
+    assert torch.equal(generate_ids(model, prompts, max_new_tokens=12, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(ConfigError, match="compile=True compiles the static-cache step"):
+        generate_ids(model, prompts, max_new_tokens=2, compile=True, graphs=False)

@@ -111,7 +111,7 @@ class GraphDecoder:
         # The one-token step through inductor: fused elementwise ops, no per-op Python dispatch.
         # The state's host counters become symbolic after the first recompile, so a decode of n
         # tokens compiles twice, not n times (`tests/test_generate.py`).
-        self.compiled_step = torch.compile(model, dynamic=False) if compile else None
+        self.compiled_step = torch.compile(model) if compile else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.sessions: dict[tuple[int, int], _Session] = {}
         self.session: _Session | None = None
