@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -205,6 +204,55 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
+def write_results(report: dict, out: Path, new_tokens: int, repeats: int) -> None:
+    """cpu_decode.json / .md from the rows measured so far (called after every row, so an
+    interrupted run leaves what it measured)."""
+    import torch
+
+    from report_files import write_report
+
+    report["load_average_after"] = os.getloadavg()
+
+    rows = report["rows"]
+    reference = rows.get("dynlm fp32 eager", {}).get("tokens")
+    for name, row in rows.items():
+        if "tokens" not in row:
+            continue
+        peer = rows.get(PAIRS.get(row.get("weights", ""), ""), {})
+        if name in OUR_ROWS and "decode_tokens_per_s" in peer:
+            row["vs_llama_cpp_same_precision"] = row["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+        if reference is not None:
+            row["same_tokens_as_dynlm_fp32_eager"] = same_prefix(row["tokens"], reference)
+
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return fmt.format(row[key]) if row.get(key) is not None else "-"
+
+    table = []
+    for name, row in rows.items():
+        if "error" in row:
+            table.append([name, row.get("weights", "-"), "failed: " + row["error"][:160]] + ["-"] * 5)
+            continue
+        runs = row["decode_tokens_per_s_runs"]
+        table.append([name, row["weights"], f"{row['decode_tokens_per_s']:.1f}",
+                      f"{min(runs):.1f}-{max(runs):.1f}", f"{row['prefill_ms']:.0f}",
+                      cell(row, "vs_llama_cpp_same_precision", "{:.2f}x"),
+                      cell(row, "same_tokens_as_dynlm_fp32_eager", "{}") + f"/{new_tokens}",
+                      f"{row['warmup_s']:.1f}"])
+    error = report["int8_logit_error"]
+    context = (f"{report['device']}, {report['threads']} threads, torch {torch.__version__}, commit "
+               f"{report['commit'][:7]}, nice {report['nice']}. {report['gguf']}, greedy, "
+               f"{report['prompt_tokens']}-token chat "
+               f"prompt \"{PROMPT}\", {new_tokens} new tokens, median of {repeats} after a warm-up. "
+               f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in report['load_average_before'])}, "
+               f"after {tuple(round(x, 2) for x in report['load_average_after'])}. Decode tokens/s exclude the "
+               f"prefill. llama.cpp F32/BF16/Q8_0 files are derived from the dequantized Q4_1 weights; pairs: "
+               f"fp32-F32, bf16-BF16, int8 (per-row, fp32 activations)-Q8_0. int8 logit error on the prompt: "
+               + ("-" if error is None else f"{error:.4f}") + " of the largest fp32 logit.")
+    write_report(out, "cpu_decode", report, "CPU decoding: dynlm vs llama.cpp, SmolLM2-135M-Instruct", context,
+                 ["row", "weights", "decode tokens/s", "range", "prefill ms", "vs llama.cpp same precision",
+                  "greedy tokens equal to dynlm fp32 eager", "warm-up s"], table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, help="the Q4_1 GGUF (default: fetched SmolLM2-135M-Instruct)")
@@ -223,13 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_worker:
         return llama_worker(args)
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-    from report_files import git_commit, write_report
 
     from dynlm.data.tokenizers import tokenizer_from_gguf
     from dynlm.infer.generate import encode_prompt
     from dynlm.interop.gguf import fetch_smollm2
+    from report_files import git_commit
 
     if args.smoke:
         args.new_tokens, args.repeats = 8, 1
@@ -275,45 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             row["error"] = f"{type(e).__name__}: {e}"
             print(f"  failed: {row['error']}", flush=True)
         report["rows"][name] = row
-    report["load_average_after"] = os.getloadavg()
-
-    rows = report["rows"]
-    reference = rows.get("dynlm fp32 eager", {}).get("tokens")
-    for name, row in rows.items():
-        if "tokens" not in row:
-            continue
-        peer = rows.get(PAIRS.get(row.get("weights", ""), ""), {})
-        if name in OUR_ROWS and "decode_tokens_per_s" in peer:
-            row["vs_llama_cpp_same_precision"] = row["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
-        if reference is not None:
-            row["same_tokens_as_dynlm_fp32_eager"] = same_prefix(row["tokens"], reference)
-
-    def cell(row: dict, key: str, fmt: str) -> str:
-        return fmt.format(row[key]) if row.get(key) is not None else "-"
-
-    table = []
-    for name, row in rows.items():
-        if "error" in row:
-            table.append([name, row.get("weights", "-"), "failed: " + row["error"][:120]] + ["-"] * 5)
-            continue
-        runs = row["decode_tokens_per_s_runs"]
-        table.append([name, row["weights"], f"{row['decode_tokens_per_s']:.1f}",
-                      f"{min(runs):.1f}-{max(runs):.1f}", f"{row['prefill_ms']:.0f}",
-                      cell(row, "vs_llama_cpp_same_precision", "{:.2f}x"),
-                      cell(row, "same_tokens_as_dynlm_fp32_eager", "{}") + f"/{args.new_tokens}",
-                      f"{row['warmup_s']:.1f}"])
-    error = report["int8_logit_error"]
-    context = (f"{report['device']}, {args.threads} threads, torch {torch.__version__}, commit "
-               f"{report['commit'][:7]}, nice {report['nice']}. {gguf_path.name}, greedy, {len(ids)}-token chat "
-               f"prompt \"{PROMPT}\", {args.new_tokens} new tokens, median of {args.repeats} after a warm-up. "
-               f"Load average (1, 5, 15 min) before {tuple(round(x, 2) for x in report['load_average_before'])}, "
-               f"after {tuple(round(x, 2) for x in report['load_average_after'])}. Decode tokens/s exclude the "
-               f"prefill. llama.cpp F32/BF16/Q8_0 files are derived from the dequantized Q4_1 weights; pairs: "
-               f"fp32-F32, bf16-BF16, int8 (per-row, fp32 activations)-Q8_0. int8 logit error on the prompt: "
-               + ("-" if error is None else f"{error:.4f}") + " of the largest fp32 logit.")
-    write_report(out, "cpu_decode", report, "CPU decoding: dynlm vs llama.cpp, SmolLM2-135M-Instruct", context,
-                 ["row", "weights", "decode tokens/s", "range", "prefill ms", "vs llama.cpp same precision",
-                  "greedy tokens equal to dynlm fp32 eager", "warm-up s"], table)
+        write_results(report, out, args.new_tokens, args.repeats)
+    write_results(report, out, args.new_tokens, args.repeats)
     print(f"wrote {out / 'cpu_decode.md'}")
     return 0
 
