@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dynlm
-from dynlm.errors import ContextLengthError
+from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer import graphs
 from dynlm.infer.generate import generate_ids, iter_token_steps
 from dynlm.infer.graphs import batch_bucket, graph_decoder
@@ -262,3 +262,21 @@ def test_exclusive_sessions_are_not_reset_by_another_prefill():
     with torch.no_grad():
         expected = model(torch.cat([a, token[:, None]], 1)).logits[:, -1]
         torch.testing.assert_close(decoder.step(token, session_a), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_static_decoder_generates_the_eager_tokens_without_a_compile_per_position():
+    """`compile=True` (the static-cache step through torch.compile, here on a CPU) gives the eager
+    greedy tokens without a compile per position (compiling the whole model with `dynamic=False`
+    made 8 graphs for this decode and then fell back to eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    prompts = torch.randint(0, 97, (2, 7))
+    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
+    assert torch.equal(generate_ids(model, prompts, max_new_tokens=12, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] <= 2
+    with pytest.raises(ConfigError, match="compile=True compiles the static-cache step"):
+        generate_ids(model, prompts, max_new_tokens=2, compile=True, graphs=False)

@@ -41,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=["default", "layered"], default="default",
                    help="layered: weights in host memory, streamed to --device layer by layer")
     p.add_argument("--max-gpu-memory", help="layered engine: cap on the weights held on the device, e.g. 300MB")
-    p.add_argument("--int8", action="store_true", help="layered engine: stream int8 weights (weight-only)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weight-only linear layers (per-row scales; the layered engine streams them as int8)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode on the static KV cache with the step compiled by torch.compile (on CUDA the "
+                        "compiled step is captured in the graph); the first call compiles for a while")
     p.set_defaults(handler=run)
 
 
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from dynlm.distributed import resolve_device
     from dynlm.infer.generate import beam_generate, generate, stream_generate
     from dynlm.interop import resolve_named_source
+    from dynlm.nn.quant import quantize_linears_int8
 
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -94,20 +99,28 @@ def run(args: argparse.Namespace) -> int:
     elif args.length_penalty != 1.0:
         raise ConfigError("--length-penalty applies to beam search", "add --num-beams 2 or more")
     if args.engine == "layered":
+        if args.compile:
+            raise ConfigError("--compile applies to the default engine", "drop --compile or --engine layered")
         return run_layered(args, prompts)
-    if args.max_gpu_memory or args.int8:
-        raise ConfigError("--max-gpu-memory and --int8 apply to the layered engine", "add --engine layered")
+    if args.max_gpu_memory:
+        raise ConfigError("--max-gpu-memory applies to the layered engine", "add --engine layered")
     device = resolve_device(args.device, what="--device")
+    if args.compile and args.no_graphs:
+        raise ConfigError("--compile compiles the static-cache step; --no-graphs asks for the eager path",
+                          "drop one of them")
     source = resolve_named_source(args.model, lambda message: sys.stderr.write(message + "\n"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = dynlm.load_pretrained(source, device=device, dtype=dtype)
+    if args.int8:
+        quantize_linears_int8(model)
     tokenizer = dynlm.load_tokenizer(source)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     chat = has_template if args.chat is None else args.chat
     check_context(model, tokenizer, prompts, args.max_new_tokens, chat)
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed, chat=chat,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, graphs=False if args.no_graphs else None)
+                   repetition_penalty=args.repetition_penalty, graphs=False if args.no_graphs else None,
+                   compile=args.compile)
     if args.num_beams > 1:
         answers = [beam_generate(model, tokenizer, prompt, args.num_beams, args.max_new_tokens, args.length_penalty,
                                  args.stop, chat) for prompt in prompts]

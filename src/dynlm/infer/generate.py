@@ -46,6 +46,7 @@ def iter_token_steps(
     eos_ids: Sequence[int] | None = None,
     seed: int | None = None,
     graphs: bool | None = None,
+    compile: bool | str = False,
     **sampling: Any,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] at every step. Rows that produced an EOS keep yielding the
@@ -54,7 +55,10 @@ def iter_token_steps(
 
     `graphs`: decode on the static KV cache with the step captured in a CUDA graph
     (`dynlm.infer.graphs`; on a CPU the same static cache, eagerly). None (default): on CUDA for
-    the transformer family; False: the eager reference path (growable cache)."""
+    the transformer family; False: the eager reference path (growable cache).
+    `compile`: run the static-cache step through `torch.compile` (True = mode "default", or a
+    mode name; implies the static cache). On CUDA the compiled step is what the graph captures;
+    on a CPU it runs as compiled code. The first call compiles, later calls reuse it."""
     cfg = _split_kwargs(sampling)
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ConfigError(f"input_ids must be [batch, length>0], got {tuple(input_ids.shape)}")
@@ -78,7 +82,11 @@ def iter_token_steps(
             generator.manual_seed(seed)
         eos = torch.tensor(list(eos_ids or []), dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        decoder = graph_decoder(model) if (graphs_by_default(model) if graphs is None else graphs) else None
+        if compile and graphs is False:
+            raise ConfigError("compile=True compiles the static-cache step", "drop graphs=False (or compile)")
+        static = bool(compile) or (graphs_by_default(model) if graphs is None else graphs)
+        mode = "default" if compile is True else (compile or None)
+        decoder = graph_decoder(model, compile=mode) if static else None
         if decoder is not None:
             # exclusive: another generation interleaved with this one (a server) gets its own cache
             logits = decoder.prefill(input_ids, max_new_tokens, exclusive=True)

@@ -71,8 +71,9 @@ def static_state(model: TransformerLM, batch_size: int, capacity: int,
     """The model's state with preallocated static layer caches of `capacity` positions (a ring of
     `sliding_window` slots for windowed layers)."""
     c = model.config
-    device = device if device is not None else model.lm_head.weight.device
-    dtype = dtype or model.lm_head.weight.dtype
+    embedding = model.model.embed_tokens.weight  # the activations' device and dtype
+    device = device if device is not None else embedding.device
+    dtype = dtype or embedding.dtype
     state = model.init_state(batch_size, device=device, dtype=dtype)
     state.layers = [StaticLayerKVCache(batch_size, c.num_kv_heads, c.head_dim, capacity,
                                        c.sliding_window if c.uses_sliding_window(i) else None, device, dtype)
@@ -190,7 +191,7 @@ class GraphDecoder:
         session = next((s for s in self.sessions if s.key == key and not s.busy), None)
         if session is None:
             self._trim(self.max_idle_sessions - 1)  # room for the new one
-            device = self.model.lm_head.weight.device
+            device = self.model.model.embed_tokens.weight.device  # an int8 head has no .weight
             session = _Session(static_state(self.model, bucket, capacity),
                                torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
             self.sessions.append(session)

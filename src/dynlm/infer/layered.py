@@ -46,6 +46,7 @@ from dynlm.checkpoint import load_state_into, read_config, safetensors_files
 from dynlm.config import model_config
 from dynlm.errors import CheckpointError, ConfigError, ContextLengthError, DynlmError
 from dynlm.infer.sampling import SamplingConfig, select_next
+from dynlm.nn.quant import quantize_int8
 
 
 class MemoryCapError(DynlmError):
@@ -167,13 +168,6 @@ def state_capacity_bytes(state: Any) -> int:
         return 0
 
     return visit(state)
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight [O, I] -> (q int8 [O, I], scale [O, 1]) with weight ≈ q·scale."""
-    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-    q = torch.round(weight.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(weight.dtype)
 
 
 class _HostParam:

@@ -77,8 +77,9 @@ class TransformerLM(DynModel):
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None, max_length: int = 0) -> KVCache:
         c = self.config
-        device = device if device is not None else self.lm_head.weight.device
-        dtype = dtype or self.lm_head.weight.dtype
+        # the activations' device and dtype are the embedding's (an int8 LM head has no weight)
+        device = device if device is not None else self.model.embed_tokens.weight.device
+        dtype = dtype or self.model.embed_tokens.weight.dtype
         return KVCache.allocate(c.num_layers, batch_size, c.num_kv_heads, c.head_dim, max_length, device, dtype)
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
