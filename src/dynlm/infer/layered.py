@@ -32,14 +32,13 @@ equality with the normal forward is tested on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
-import mmap
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dynlm.checkpoint import load_state_into, read_config, safetensors_files
@@ -113,38 +112,15 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file as views of the file mapped into memory (copy on
-    write: the file is never modified; nothing is read before a tensor is used)."""
+    """The tensors of one safetensors file, memory-mapped by the safetensors library: nothing is
+    read from disk before a tensor is used, and the file is never modified (safetensors 0.8 maps
+    the file; an older release reads each tensor into memory instead)."""
     try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError) as e:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({e})") from None
-    data = torch.frombuffer(mapped, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    base = 8 + header_len
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor '{name}' has dtype {info['dtype']}, which the layered engine "
-                                  f"cannot map (supported: {', '.join(_SAFETENSORS_DTYPES)})")
-        start, end = info["data_offsets"]
-        raw = data[base + start:base + end]
-        size = torch.empty((), dtype=dtype).element_size()
-        if (base + start) % size:  # misaligned for its dtype: this one tensor is copied
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(info["shape"])
-    return tensors
 
 
 def state_capacity_bytes(state: Any) -> int:
