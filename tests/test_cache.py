@@ -280,3 +280,14 @@ def test_compiled_static_decoder_generates_the_eager_tokens_without_a_compile_pe
     assert counters["stats"]["unique_graphs"] <= 2
     with pytest.raises(ConfigError, match="compile=True compiles the static-cache step"):
         generate_ids(model, prompts, max_new_tokens=2, compile=True, graphs=False)
+
+
+def test_a_compiled_forward_with_a_cache_refuses_instead_of_losing_its_position():
+    """Inside compiled code the model does not advance the cache's host position (its value would
+    specialise the compiled code); only a caller that advances it (the GraphDecoder's compiled
+    step) may run it so: anyone else gets an error, not wrong rotary positions."""
+    torch._dynamo.reset()
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), pytest.raises(ConfigError, match="cannot advance its position"):
+        compiled(torch.randint(0, 97, (1, 4)), state=model.init_state(1))

@@ -56,5 +56,5 @@ def test_every_listed_api_is_still_used():
 def test_the_installed_torch_has_them():
     assert "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # a builtin: no signature
     assert callable(torch.nn.utils.get_total_norm)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
     from torch.nn.attention import sdpa_kernel  # noqa: F401

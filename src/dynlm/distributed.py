@@ -122,23 +122,19 @@ def all_gather_objects(obj: object, ctx: DistContext) -> list[object]:
     return out
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The module the training loop calls: the model itself, DDP around it, or the model sharded
-    in place by FSDP2 (then the returned module is the model).
-
-    Under bf16 autocast FSDP2 gathers the parameters already in bf16 (half the all-gather traffic;
-    the sharded master weights and the gradient reduction stay fp32), and DDP's gradients are views
-    into its communication buckets (no copy per step)."""
+def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool) -> nn.Module:
+    """The module the training loop calls: the model itself, DDP around it (its gradients are
+    views into its communication buckets: no copy per step), or the model sharded in place by
+    FSDP2 (then the returned module is the model)."""
     if fsdp:
         if not ctx.distributed:
             raise ConfigError("train.fsdp=true needs several processes", "launch with torchrun --nproc_per_node N")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         layers = getattr(getattr(model, "model", None), "layers", None)
         for layer in layers if layers is not None else []:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+            fully_shard(layer)
+        fully_shard(model)
         return model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel

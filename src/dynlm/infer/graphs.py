@@ -192,8 +192,9 @@ class GraphDecoder:
         if session is None:
             self._trim(self.max_idle_sessions - 1)  # room for the new one
             device = self.model.model.embed_tokens.weight.device  # an int8 head has no .weight
-            session = _Session(static_state(self.model, bucket, capacity),
-                               torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
+            state = static_state(self.model, bucket, capacity)
+            state.caller_advances_counters = self.compile is not None  # see `step`
+            session = _Session(state, torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
             self.sessions.append(session)
         else:  # most recently used last
             self.sessions.remove(session)

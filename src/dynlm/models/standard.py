@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dynlm.config import ModelConfig
+from dynlm.errors import ConfigError
 from dynlm.models.base import DynModel, ModelOutput, causal_lm_loss, fused_causal_lm_loss
 from dynlm.nn import Attention, KVCache, LayerKVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from dynlm.registry import register
@@ -103,8 +104,12 @@ class TransformerLM(DynModel):
         cos, sin = self.rotary(positions, x.dtype)  # [T, D]
         x, extras = self.run_layers(x, cos, sin, positions, state)
         h = self.model.norm(x)
-        if state is not None and not torch.compiler.is_compiling():  # a compiled step's caller advances it
-            state.position += t
+        if state is not None:
+            if not torch.compiler.is_compiling():
+                state.position += t
+            elif not state.caller_advances_counters:
+                raise ConfigError("a compiled forward with a cache cannot advance its position",
+                                  "decode through dynlm.infer.graphs.GraphDecoder(model, compile=...)")
         if labels is not None and self.fused_loss and torch.is_grad_enabled():
             logits = None
             loss = fused_causal_lm_loss(h, self.lm_head.weight, labels, self.fused_loss_kernel)

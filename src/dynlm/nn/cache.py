@@ -124,6 +124,10 @@ class KVCache:
 
     layers: list[LayerKVCache | StaticLayerKVCache] = field(default_factory=list)
     position: int = 0
+    # A decoder that runs the step under torch.compile sets this and advances the host counters
+    # (`position`, the static layers' `length`) itself after each step: inside compiled code their
+    # Python values would specialise the compiled step, one recompilation per position.
+    caller_advances_counters: bool = False
 
     @classmethod
     def allocate(

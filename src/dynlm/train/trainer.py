@@ -256,7 +256,7 @@ class Trainer:
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
 
         model.fused_loss = self.cfg.fused_loss  # read by the transformer family's forward
-        wrapped = distributed.wrap_model(model, ctx, self.cfg.fsdp, self.dtype)
+        wrapped = distributed.wrap_model(model, ctx, self.cfg.fsdp)
         self.ddp_module = wrapped if wrapped is not model else None
         # FSDP2 shards in place, so the optimizer is built after wrapping, on the sharded parameters
         self.optimizer = build_optimizer(model, self.cfg, self.device)
