@@ -63,6 +63,56 @@ def test_rope_per_row_positions():
         torch.testing.assert_close(out[b: b + 1], apply_rotary(x[b: b + 1], c, s))
 
 
+def test_rope_table_prefix_equals_computed_positions():
+    rope = RotaryEmbedding(16, 10000.0, max_positions=64)
+    for length in (1, 37, 64, 100):  # 100: past the table, computed
+        cos, sin = rope.prefix(length, torch.float32)
+        ref_cos, ref_sin = rope(torch.arange(length), torch.float32)
+        assert cos.shape == (length, 16)
+        torch.testing.assert_close(cos, ref_cos, atol=1e-7, rtol=0)
+        torch.testing.assert_close(sin, ref_sin, atol=1e-7, rtol=0)
+    cos, _ = rope.prefix(8, torch.bfloat16)
+    assert cos.dtype == torch.bfloat16
+
+
+def test_rope_tables_stay_fp32_through_a_dtype_cast():
+    """model.to(bf16) would round inv_freq to 8 bits: at position 1000 the angle is then off by
+    radians. The buffers are rebuilt in fp32, so a cast model rotates like the fp32 one."""
+    rope = RotaryEmbedding(64, 10000.0, max_positions=2048)
+    fp32_cos, fp32_sin = rope.prefix(2048, torch.float32)
+    rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == rope.cos_table.dtype == torch.float32
+    positions = torch.arange(2048)
+    cos, sin = rope(positions, torch.float32)  # computed (the KV-cache path)
+    torch.testing.assert_close(cos, fp32_cos, atol=1e-7, rtol=0)
+    torch.testing.assert_close(sin, fp32_sin, atol=1e-7, rtol=0)
+    torch.testing.assert_close(rope.prefix(2048, torch.float32)[0], fp32_cos, atol=0, rtol=0)
+
+
+def test_rope_table_is_a_graph_input_not_recomputed():
+    """The compiled plain forward reads the table: no cos/sin in the traced graph (before, inductor
+    inlined the arange -> cos/sin producer into every layer's rotary kernel, forward and backward)."""
+    from dynlm.config import model_config
+    from dynlm.registry import get_architecture
+
+    config = model_config("standard-tiny", max_position_embeddings=32)
+    model = get_architecture(config.type)[1](config)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    eager = model(ids).logits
+    torch.testing.assert_close(compiled(ids).logits, eager)
+    targets = {str(node.target) for gm in graphs for node in gm.graph.nodes}  # "cos" or "<built-in ... cos>"
+    assert not [t for t in targets if t in ("cos", "sin") or t.endswith((" cos>", " sin>"))]
+    torch._dynamo.reset()
+
+
 def test_swiglu_matches_formula():
     mlp = SwiGLU(8, 12)
     x = torch.randn(2, 3, 8)

@@ -69,7 +69,7 @@ class TransformerLM(DynModel):
     def __init__(self, config: ModelConfig, layer_class: type[nn.Module] = DecoderLayer):
         super().__init__(config)
         self.model = DecoderBody(config, layer_class)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.init_weights()
         if config.tie_word_embeddings:
@@ -101,7 +101,8 @@ class TransformerLM(DynModel):
         positions = (torch.arange(t, device=input_ids.device) if state is None
                      else state.next_positions(t, input_ids.device))  # [T]
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
-        cos, sin = self.rotary(positions, x.dtype)  # [T, D]
+        # [T, D], once for all layers; a plain forward reads the precomputed table
+        cos, sin = self.rotary.prefix(t, x.dtype) if state is None else self.rotary(positions, x.dtype)
         x, extras = self.run_layers(x, cos, sin, positions, state)
         h = self.model.norm(x)
         if state is not None:
