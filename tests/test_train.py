@@ -18,7 +18,7 @@ from dynlm.train import TrainingError, load_run_config, train
 from dynlm.train.config import CONFIG_ALIASES, TrainConfig, list_modes
 from dynlm.train.data import SequenceSampler, micro_batches
 from dynlm.train.optim import learning_rate, parameter_groups
-from dynlm.train.trainer import read_metrics
+from dynlm.train.trainer import TrainStep, read_metrics
 
 WORDS = ["the", "king", "queen", "lord", "shall", "not", "be", "or", "to", "love", "night", "day", "sweet", "death",
          "speak", "hear", "thou", "thee", "my", "good", "noble", "heart", "fair", "blood", "come", "go", "away"]
@@ -141,6 +141,36 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 
 # ---------------------------------------------------------------------------------------------
 # Sampler
+
+
+def _trained_parameters(fused: bool, clip: float) -> list[torch.Tensor]:
+    from dynlm.config import model_config
+    from dynlm.registry import get_architecture
+
+    torch.manual_seed(0)
+    config = model_config("standard-tiny", vocab_size=64, hidden_size=32, num_heads=2, num_kv_heads=2,
+                          intermediate_size=64)
+    model = get_architecture(config.type)[1](config)
+    # a large eps makes Adam's update depend on the gradients' scale, so the clipping shows
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=0.1, fused=fused, foreach=None if fused else False)
+    step = TrainStep(model, model, optimizer, torch.device("cpu"), torch.float32, clip=clip)
+    assert step.skip_on_device == fused
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        out = step([torch.randint(0, config.vocab_size, (2, 12), generator=generator)])
+        assert not bool(out.nonfinite)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_clipping_inside_the_fused_update_equals_clip_grad_norm():
+    """The fused AdamW path clips through the optimizer's grad_scale (no extra pass over the
+    gradients); the plain path calls clip_grad_norm_. Both give the same parameters."""
+    for clip in (0.05, 0.0):  # 0.05 binds (the norms are ~1); 0 turns clipping off
+        fused, plain = _trained_parameters(True, clip), _trained_parameters(False, clip)
+        for a, b in zip(fused, plain, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    clipped = _trained_parameters(True, 0.05)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(clipped, plain, strict=True))  # the clipping mattered
 
 
 def test_sampler_covers_every_token_once_per_epoch_and_resumes():

@@ -123,18 +123,24 @@ class TrainStep:
             if aux is not None:
                 aux_sum = aux if aux_sum is None else aux_sum + aux
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if hasattr(norm, "full_tensor"):  # sharded (FSDP2) parameters give a DTensor norm
-            norm = norm.full_tensor()
-        nonfinite = ~torch.isfinite(norm)
         if self.skip_on_device:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            nonfinite = ~torch.isfinite(norm)
             self.optimizer.found_inf = nonfinite.float()
+            # the clipping inside the fused update: it divides the gradients by `grad_scale` (and
+            # stores them divided) as it reads them, so they are not read and written once more
+            self.optimizer.grad_scale = clip_divisor(norm, self.clip) if self.clip > 0 else None
             self.optimizer.step()
-        elif not bool(nonfinite):
-            self.optimizer.step()
+        else:
+            if self.clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+            else:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if hasattr(norm, "full_tensor"):  # sharded (FSDP2) parameters give a DTensor norm
+                norm = norm.full_tensor()
+            nonfinite = ~torch.isfinite(norm)
+            if not bool(nonfinite):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         assert out is not None and loss_sum is not None
         return StepOutput(loss=loss_sum / n, aux_loss=None if aux_sum is None else aux_sum / n,
@@ -170,6 +176,12 @@ class TrainStep:
                 aux_total = aux if aux_total is None else aux_total + aux
             state = out.state.detach()
         return out, ce_total, aux_total
+
+
+def clip_divisor(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """What the gradients are divided by to clip their global norm at `clip`: the reciprocal of
+    `clip_grad_norm_`'s coefficient min(1, clip / (norm + 1e-6)). fp32 scalar on the device."""
+    return ((norm.float() + 1e-6) / clip).clamp(min=1.0)
 
 
 def _is_sharded(params: list[torch.Tensor]) -> bool:
