@@ -1,27 +1,46 @@
 """Training speed of gpt2-small-like against nanoGPT, in one process: tokens/s, MFU, peak memory, loss.
 
-    python benchmarks/gpu_train.py --out OUT --nanogpt-dir .gpu/trainspeed/nanogpt          # CUDA
-    python benchmarks/gpu_train.py --out /tmp/gpu_train --nanogpt-dir .gpu/trainspeed/nanogpt --smoke
+    python benchmarks/gpu_train.py --out OUT --nanogpt-dir .gpu/trainspeed/nanogpt \
+        --before-src .gpu/trainspeed/before/src                                                   # CUDA
+    python benchmarks/gpu_train.py --out /tmp/gpu_train --nanogpt-dir .gpu/trainspeed/nanogpt \
+        --before-src .gpu/trainspeed/before/src --smoke                                          # CPU check
 
 `--nanogpt-dir` holds nanoGPT's `model.py` (github karpathy/nanoGPT, not part of this repository);
 its GPT is trained the way its `bench.py` does: bf16 autocast, torch.compile, fused AdamW, no
 gradient clipping. Variants, each measured at every batch size of `--batches`:
 
   nanogpt        the peer: 12 layers, 768 wide, 12 heads, vocab 50304, seq 1024, bias off
+  dynlm-before   `dynlm` below run on an older copy of the package (`--before-src`, a `src/` exported
+                 with `git archive COMMIT src`), in a child process with the same data and settings:
+                 what a change to the model or trainer gained, measured in the same run
   dynlm          preset gpt2-small-like through the trainer's step (`dynlm.train.trainer.TrainStep`:
                  bf16 autocast, fused AdamW, clipping at 1.0, device-side NaN guard), the model
                  compiled as the trainer compiles it; plain loss (the [B, T, V] logits)
-  dynlm-chunked  the same with `train.fused_loss` (chunked LM head + cross-entropy, dynlm.nn.loss)
-  dynlm-liger    the same with Liger's fused linear cross-entropy as the fused loss's kernel, and
-                 Liger's RMSNorm and SiLU-mul (SwiGLU) kernels in the blocks; optional: an import or
-                 runtime error is recorded in the results. Liger's RoPE is not used: it rotates q and
-                 k together in Hugging Face's layout, ours rotates each through the KV-cache path.
+  dynlm-fusedproj  `dynlm` with q/k/v computed by one matmul over the concatenated weights and gate/up
+                 by one (nanoGPT's c_attn and c_fc shapes), parameters and their names unchanged: a
+                 benchmark-only patch (`use_fused_projections`); whether the model itself should
+                 do this is decided by this figure
+  dynlm-cudagraphs  `dynlm` compiled with mode="reduce-overhead" (the trainer's `train.compile_mode`):
+                 forward and backward replayed as CUDA graphs; tells whether the step is launch-bound
+  dynlm-chunked  `dynlm` with `train.fused_loss` (chunked LM head + cross-entropy, dynlm.nn.loss)
+  dynlm-liger    `dynlm` with Liger's fused linear cross-entropy as the fused loss's kernel, run
+                 outside the compiled graph (one graph break at the loss): Liger's autograd Functions
+                 launch Triton kernels that dynamo cannot trace (liger-kernel 0.8.5, torch 2.11:
+                 "RuntimeError when making fake tensor call") and its loss reads a count back (.item()).
+                 Optional: an import or runtime error is recorded in the results.
+  dynlm-liger-blocks  (not in the default list) also Liger's RMSNorm and SiLU-mul (SwiGLU) kernels in
+                 the blocks, each outside the graph: three graph breaks per layer. Liger's RoPE is not
+                 used: it rotates q and k together in Hugging Face's layout, ours rotates each through
+                 the KV-cache path.
+  dynlm-autotune (not in the default list) `dynlm` compiled with mode="max-autotune-no-cudagraphs"
+                 (the trainer's `train.compile_mode`); its compilation takes minutes.
 
 Every variant trains on the same random tokens (`--data-batches` fixed batches, cycled) with the
 same learning rate, so the loss after the timed steps shows that the faster variants learn alike.
 MFU = tokens/s x FLOPs per token / 989 TFLOP/s (H100/H200 dense bf16 datasheet peak), FLOPs per
 token by nanoGPT's `estimate_mfu` formula for each model: 6 N + 12 L H Q T (N = parameters in
-matmuls, the tied LM head counted once; L layers, H heads, Q head dim, T sequence length).
+matmuls, the tied LM head counted once; L layers, H heads, Q head dim, T sequence length). The
+warm-up time (compilation, printed) is reported as "compile s".
 Writes gpu_train.json and gpu_train.md into --out (after every variant, so an interrupted run
 keeps what it measured); `--profile` adds profile_<variant>.txt (torch.profiler, top kernels)."""
 
@@ -34,6 +53,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -43,6 +63,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import provenance  # noqa: E402
 from dynlm.config import model_config
 from dynlm.registry import get_architecture
 from dynlm.train.config import TrainConfig
@@ -50,7 +72,10 @@ from dynlm.train.optim import build_optimizer
 from dynlm.train.trainer import TrainStep
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s by datasheet (H100 / H200 SXM)
-VARIANTS = ("nanogpt", "dynlm", "dynlm-chunked", "dynlm-liger")
+VARIANTS = ("nanogpt", "dynlm-before", "dynlm", "dynlm-fusedproj", "dynlm-cudagraphs", "dynlm-liger",
+            "dynlm-chunked", "dynlm-liger-blocks", "dynlm-autotune")
+DEFAULT_VARIANTS = VARIANTS[:7]  # the most telling first: --time-limit skips the last ones
+COMPILE_MODES = {"dynlm-cudagraphs": "reduce-overhead", "dynlm-autotune": "max-autotune-no-cudagraphs"}
 
 
 def load_nanogpt(directory: Path) -> ModuleType:
@@ -98,32 +123,66 @@ def build_nanogpt(args: argparse.Namespace, shape: dict[str, int], device: torch
     return Runner(model, step, flops, n)
 
 
-def use_liger(model: torch.nn.Module) -> None:
-    """Liger's fused linear cross-entropy as the fused loss, its RMSNorm and SiLU-mul in the blocks.
-    Raises ImportError without liger-kernel."""
+def use_liger(model: torch.nn.Module, blocks: bool) -> None:
+    """Liger's fused linear cross-entropy as the fused loss; with `blocks` also its RMSNorm and
+    SiLU-mul. Each Liger call runs outside the compiled graph (see the module docstring). Raises
+    ImportError without liger-kernel."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy, liger_rms_norm, liger_swiglu
 
     from dynlm.nn import RMSNorm, SwiGLU
 
+    fused_linear_cross_entropy = torch.compiler.disable(liger_fused_linear_cross_entropy)
+    rms_norm, silu_mul = torch.compiler.disable(liger_rms_norm), torch.compiler.disable(liger_swiglu)
+
     def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # fp32 hidden states and weight under bf16 autocast: Liger's mixed-precision path (matmuls in
         # the autocast dtype, the weight gradient accumulated in fp32)
-        return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
+        return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
 
     def rms_forward(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         # casting mode "llama": normalise in fp32, cast back, then scale: our RMSNorm's arithmetic
-        return liger_rms_norm(x, self.weight, self.eps, casting_mode="llama", in_place=False)
+        return rms_norm(x, self.weight, self.eps, casting_mode="llama", in_place=False)
 
     def mlp_forward(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.forward = MethodType(rms_forward, module)
-        elif isinstance(module, SwiGLU):
-            module.forward = MethodType(mlp_forward, module)
+    if blocks:
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.forward = MethodType(rms_forward, module)
+            elif isinstance(module, SwiGLU):
+                module.forward = MethodType(mlp_forward, module)
     model.fused_loss = True
     model.fused_loss_kernel = liger_loss
+
+
+def use_fused_projections(model: torch.nn.Module) -> None:
+    """q/k/v as one matmul over the concatenated weights, gate/up as one: the larger matmuls of
+    nanoGPT's c_attn and c_fc, with the parameters (names, checkpoints) unchanged. Under autocast
+    the weights are cast to bf16 at every step anyway; compiled, the concatenation joins that cast."""
+    from dynlm.nn import Attention, SwiGLU
+
+    def project(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
+        sizes = [p.out_features for p in projections]
+        q, k, v = torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+        return (q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
+                k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2))
+
+    def mlp_forward(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.project = MethodType(project, module)
+        elif isinstance(module, SwiGLU):
+            module.forward = MethodType(mlp_forward, module)
 
 
 def build_dynlm(variant: str, args: argparse.Namespace, shape: dict[str, int], device: torch.device,
@@ -137,10 +196,12 @@ def build_dynlm(variant: str, args: argparse.Namespace, shape: dict[str, int], d
     config = model_config("gpt2-small-like", **overrides)
     model = get_architecture(config.type)[1](config).to(device).train()
     model.fused_loss = variant == "dynlm-chunked"
-    if variant == "dynlm-liger":
-        use_liger(model)
+    if variant == "dynlm-fusedproj":
+        use_fused_projections(model)
+    if variant.startswith("dynlm-liger"):
+        use_liger(model, blocks=variant == "dynlm-liger-blocks")
     optimizer = build_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.1, betas=[0.9, 0.95]), device)
-    module = torch.compile(model) if compile_ else model
+    module = torch.compile(model, mode=COMPILE_MODES.get(variant)) if compile_ else model
     train_step = TrainStep(module, model, optimizer, device, dtype, clip=1.0)
     seq = shape["seq"]
 
@@ -148,6 +209,31 @@ def build_dynlm(variant: str, args: argparse.Namespace, shape: dict[str, int], d
         return train_step([tokens[:, :seq].contiguous()]).loss  # the trainer shifts the labels inside the model
 
     return Runner(model, step, model.flops_per_token(seq), model.num_parameters())
+
+
+def measure_before(args: argparse.Namespace, batch: int, time_left: float) -> tuple[dict[str, Any], Path | None]:
+    """`dynlm` at `batch` on the package copy in `--before-src`, in a child process (one process
+    cannot import two versions of a package): its result row, and its profile when asked."""
+    if args.before_src is None or not (args.before_src / "dynlm").is_dir():
+        raise FileNotFoundError(f"--before-src {args.before_src}: no dynlm package there "
+                                "(git archive COMMIT src | tar -x -C DIR; pass DIR/src)")
+    out = Path(tempfile.mkdtemp(prefix="gpu_train_before_"))
+    command = [sys.executable, __file__, "--out", str(out), "--variants", "dynlm", "--batches", str(batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--data-batches", str(args.data_batches),
+               "--lr", str(args.lr), "--time-limit", str(time_left)]
+    command += [flag for flag, on in (("--smoke", args.smoke), ("--no-compile", args.no_compile),
+                                      ("--profile", args.profile)) if on]
+    paths = [str(args.before_src.resolve())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    done = subprocess.run(command, env=env, timeout=max(time_left, 1.0) + 60, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-4000:])
+    if done.returncode != 0:
+        raise RuntimeError(f"child exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    child = json.loads((out / "gpu_train.json").read_text())
+    row = child["results"][str(batch)]["dynlm"]
+    row["package"] = f"src tree {provenance.tree_id(args.before_src)}"
+    profile = out / "profile_dynlm.txt"
+    return row, profile if profile.is_file() else None
 
 
 def synchronize(device: torch.device) -> None:
@@ -193,14 +279,6 @@ def profile_variant(runner: Runner, data: torch.Tensor, device: torch.device, pa
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -208,7 +286,8 @@ def gib(n: int | None) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     env, shape = report["environment"], report["shape"]
     lines = [f"# Training step: dynlm vs nanoGPT, {env['device']}", "",
-             f"torch {env['torch']}, commit `{env['commit']}`, {env['started']}. Produced by `benchmarks/gpu_train.py`"
+             f"torch {env['torch']}, commit `{provenance.short(env['commit'])}`, {env['started']}. "
+             "Produced by `benchmarks/gpu_train.py`"
              f"{' --smoke' if report['smoke'] else ''}.", "",
              f"Shape: {shape['layers']} layers x {shape['width']}, {shape['heads']} heads, vocab {shape['vocab']}, "
              f"seq {shape['seq']}; {report['dtype']}, compile={'on' if report['compile'] else 'off'}, fused "
@@ -229,6 +308,9 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {batch} | {name} | {r['parameters'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {ratio} | "
                          f"{mfu} | {r['step_ms']:.1f} | {r['flops_per_token'] / 1e6:,.0f}M | "
                          f"{gib(r['peak_memory_bytes'])} | {r['loss_after']:.4f} | {r['warmup_seconds']:.0f} |")
+    before = {r.get("package") for rows in report["results"].values() for r in rows.values() if "package" in r}
+    if before:
+        lines += ["", "dynlm-before ran on the package of " + ", ".join(f"`{p}`" for p in sorted(before)) + "."]
     if report.get("profiles"):
         lines += ["", "Profiles: " + ", ".join(f"`{p}`" for p in report["profiles"]) + "."]
     lines += ["", f"Total wall time: {report['seconds']:.0f} s."]
@@ -241,15 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nanogpt-dir", type=Path, default=Path(".gpu/trainspeed/nanogpt"),
                         help="folder with nanoGPT's model.py")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, no compile: checks the script on a CPU")
-    parser.add_argument("--batches", default="16,32")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batches", help="batch sizes, comma-separated (default 16,32; --smoke: 2,4)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--before-src", type=Path, help="a src/ folder of an older dynlm, for dynlm-before")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=6, help="untimed steps first (compilation happens here)")
     parser.add_argument("--data-batches", type=int, default=4, help="fixed random batches, cycled")
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table per variant at the first batch")
-    parser.add_argument("--time-limit", type=float, default=200.0,
+    parser.add_argument("--time-limit", type=float, default=240.0,
                         help="seconds; variants not started by then are recorded as skipped")
     parser.add_argument("--commit", help="git commit of the tree measured (when the copy has no .git)")
     args = parser.parse_args(argv)
@@ -264,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = dict(layers=12, width=768, heads=12, vocab=50304, seq=1024)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("2,4" if args.smoke else "16,32")).split(",")]
     compile_ = not args.no_compile and not args.smoke
     if args.smoke:
         shape = dict(layers=2, width=64, heads=4, vocab=512, seq=64)
-        batches, args.steps, args.warmup = [2, 4], 2, 1
+        args.steps, args.warmup = 2, 1
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -276,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "environment": {"device": torch.cuda.get_device_name(device) if cuda else "CPU", "torch": torch.__version__,
                         "cuda": torch.version.cuda,
-                        "commit": args.commit or os.environ.get("DYNLM_COMMIT") or git_commit(),
+                        "commit": provenance.commit(args.commit or os.environ.get("DYNLM_COMMIT")),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
         "smoke": args.smoke, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "compile": compile_,
         "lr": args.lr, "steps": args.steps, "warmup": args.warmup, "data_batches": args.data_batches,
@@ -302,15 +385,22 @@ def main(argv: list[str] | None = None) -> int:
             runner = None
             try:
                 torch.manual_seed(0)
-                runner = (build_nanogpt(args, shape, device, dtype, compile_) if name == "nanogpt"
-                          else build_dynlm(name, args, shape, device, dtype, compile_))
-                rows[name] = measure(runner, data, args.warmup, args.steps, device)
-                if args.profile and batch == batches[0]:
-                    path = args.out / f"profile_{name}.txt"
-                    profile_variant(runner, data, device, path)
-                    report["profiles"].append(path.name)
-                print(f"  {rows[name]['tokens_per_s']:,.0f} tokens/s, loss {rows[name]['loss_after']:.4f}",
-                      file=sys.stderr, flush=True)
+                if name == "dynlm-before":
+                    rows[name], profile = measure_before(args, batch, args.time_limit - (time.perf_counter() - start))
+                    if profile is not None and batch == batches[0]:
+                        path = args.out / f"profile_{name}.txt"
+                        path.write_text(profile.read_text())
+                        report["profiles"].append(path.name)
+                else:
+                    runner = (build_nanogpt(args, shape, device, dtype, compile_) if name == "nanogpt"
+                              else build_dynlm(name, args, shape, device, dtype, compile_))
+                    rows[name] = measure(runner, data, args.warmup, args.steps, device)
+                    if args.profile and batch == batches[0]:
+                        path = args.out / f"profile_{name}.txt"
+                        profile_variant(runner, data, device, path)
+                        report["profiles"].append(path.name)
+                print(f"  {rows[name]['tokens_per_s']:,.0f} tokens/s, loss {rows[name]['loss_after']:.4f}, "
+                      f"compile + warm-up {rows[name]['warmup_seconds']:.0f} s", file=sys.stderr, flush=True)
             except Exception as error:  # noqa: BLE001 - one variant's failure is recorded, the run goes on
                 first_line = str(error).splitlines()[0][:200] if str(error) else ""
                 rows[name] = {"error": f"{type(error).__name__}: {first_line}"}

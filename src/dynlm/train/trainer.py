@@ -117,7 +117,7 @@ class TrainStep:
                 with distributed.autocast(self.device, self.dtype):
                     out = self.module(input_ids, labels=input_ids)
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-                (loss / n).backward()
+                (loss / n if n > 1 else loss).backward()  # no divide-by-1 kernels, forward and backward
                 ce, aux = out.loss.detach(), None if out.aux_loss is None else out.aux_loss.detach().float()
             loss_sum = ce if loss_sum is None else loss_sum + ce
             if aux is not None:
