@@ -89,6 +89,22 @@ def test_rope_tables_stay_fp32_through_a_dtype_cast():
     torch.testing.assert_close(rope.prefix(2048, torch.float32)[0], fp32_cos, atol=0, rtol=0)
 
 
+def test_model_logits_with_the_rope_table_equal_computed_positions():
+    from dynlm.config import model_config
+    from dynlm.registry import get_architecture
+
+    torch.manual_seed(0)
+    config = model_config("standard-tiny", max_position_embeddings=32)
+    model = get_architecture(config.type)[1](config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        table = model(ids).logits
+        rope = model.rotary
+        model.rotary.prefix = lambda t, dtype: rope(torch.arange(t), dtype)  # the forward before the table
+        computed = model(ids).logits
+    torch.testing.assert_close(table, computed, atol=0, rtol=0)  # the same fp32 arithmetic
+
+
 def test_rope_table_is_a_graph_input_not_recomputed():
     """The compiled plain forward reads the table: no cos/sin in the traced graph (before, inductor
     inlined the arange -> cos/sin producer into every layer's rotary kernel, forward and backward)."""
