@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,9 @@ from torch import nn
 import dynlm
 from dynlm.infer.layered import LayeredEngine, MemoryCapError
 from dynlm.train.trainer import TrainStep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -827,9 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, limit):
             setattr(dynamo_config, limit, 64)
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = args.commit or os.environ.get("BENCH_COMMIT") or subprocess.run(
-        git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = provenance.commit(args.commit or os.environ.get("BENCH_COMMIT"))
     cfg = configs(args.smoke)
     if args.bpb_seconds is not None:
         cfg["bpb_seconds"] = args.bpb_seconds
@@ -890,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict[str, Any]) -> str:
     mib = lambda b: "" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
     lines = [f"# THL: 7B table, bits per byte, recall, training speed ({r['device']})", "",
-             f"torch {r['torch']}, commit {r['commit']}. Produced by `benchmarks/gpu_thl.py --parts "
+             f"torch {r['torch']}, commit {provenance.short(r['commit'])}. Produced by `benchmarks/gpu_thl.py --parts "
              f"{','.join(r['parts'])}`{' --smoke (a CPU check, not a measurement)' if r['smoke'] else ''}. "
              f"Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in r["part_seconds"].items())
              + f"; total {r.get('seconds', 0):.0f}.", ""]
