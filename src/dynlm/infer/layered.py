@@ -460,8 +460,10 @@ class LayeredEngine:
 
     # -- residency ------------------------------------------------------------------------------
     def _replan(self, budget: int | None) -> None:
-        """Cut the weights into pieces for `budget` and allocate the slots, once: from here on every
-        copy goes into a view of a slot (no allocation per load, so nothing fragments)."""
+        """Cut the weights into pieces for `budget`; the slots come at the first load, once: from
+        there on every copy goes into a view of a slot (no allocation per load, so nothing
+        fragments). Nothing is allocated here: an engine built under a cap and then fitted to it
+        never holds two plans' slots."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no copy or kernel still reads the old slots
         self.slots, self.views = [], {}
@@ -474,9 +476,7 @@ class LayeredEngine:
             for k, (module, name, _) in enumerate(piece.entries):
                 if piece.rows is None:
                     self.where[(id(module), name)] = (index, k)
-        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in self.plan.slot_sizes]
-        self.slot_allocations += 1
-        self.free_slots = list(range(len(self.slots)))
+        self.free_slots: list[int] = []  # the slots are allocated at the first load (_allocate_slots)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # piece -> its slot, least recently used first
         self.views: dict[int, list[torch.Tensor]] = {}  # piece -> its tensors' views in its slot
         self.ready: dict[int, torch.cuda.Event | None] = {}  # piece -> its copy-done event until first waited on
@@ -509,8 +509,15 @@ class LayeredEngine:
                 out = torch.where(inside[..., None], part, 0 if out is None else out)
         return out
 
+    def _allocate_slots(self) -> None:
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in self.plan.slot_sizes]
+        self.free_slots = list(range(len(self.slots)))
+        self.slot_allocations += 1
+
     def _acquire(self, need: int, keep: set[int]) -> int | None:
         """A slot of at least `need` bytes: a free one, or the least recently used piece's (not in `keep`)."""
+        if not self.slots:
+            self._allocate_slots()
         for slot in self.free_slots:
             if self.slots[slot].numel() >= need:
                 self.free_slots.remove(slot)
@@ -558,7 +565,7 @@ class LayeredEngine:
             return
         # copy the pieces that followed this one last time into the other slots while it computes
         keep, upcoming = {index}, index
-        for _ in range(len(self.slots) - 1):
+        for _ in range(len(self.plan.slot_sizes) - 1):
             upcoming = self.next_piece.get(upcoming)
             if upcoming is None or upcoming in keep:
                 return
@@ -603,7 +610,7 @@ class LayeredEngine:
     def stats(self) -> dict[str, Any]:
         return {"units": len(self.units), "unit_bytes_max": max(self.unit_bytes, default=0),
                 "weight_bytes": sum(self.unit_bytes) + self.resident_bytes, "resident_bytes": self.resident_bytes,
-                "bytes_copied": self.bytes_copied, "pieces": len(self.plan.pieces), "slots": len(self.slots),
+                "bytes_copied": self.bytes_copied, "pieces": len(self.plan.pieces), "slots": len(self.plan.slot_sizes),
                 "slot_bytes": self.plan.slot_bytes, "loaded_pieces": len(self.slot_of)}
 
 
