@@ -18,8 +18,8 @@ property of its module: reading `module.weight` copies its piece into a slot if 
 (evicting the least recently used piece) and returns the view, so the model's own `forward` runs
 unchanged, whatever code reads the weight: the logits are the normal forward's (only a cut head or
 embedding computes its rows in chunks, each output element as in the whole forward). Copies run on
-a second CUDA stream from pinned host memory; when piece p is read, the pieces that followed p
-last time are copied into the other slots while p computes (prefetch). A batch of prompts shares
+a second CUDA stream from pinned host memory; when piece p is read, the pieces the previous
+forward read after it are copied into the other slots while p computes (prefetch). A batch of prompts shares
 each weight transfer (the batch amortises the transfer: FlexGen's lesson).
 
 Optional int8 weight-only compression (`int8=True`): every 2-D weight of a unit is stored on the
@@ -482,6 +482,8 @@ class LayeredEngine:
         self.ready: dict[int, torch.cuda.Event | None] = {}  # piece -> its copy-done event until first waited on
         self.next_piece: dict[int, int] = {}  # piece -> the piece read after it last time
         self.current: int | None = None
+        self.trace: list[int] = []  # the pieces read by this forward, in order
+        self.last_trace: list[int] = []  # and by the forward before it
 
     def _param(self, module: nn.Module, name: str) -> torch.Tensor:
         where = self.where.get((id(module), name))
@@ -561,14 +563,37 @@ class LayeredEngine:
         if self.current is not None:
             self.next_piece[self.current] = index
         self.current = index
-        if not self.prefetch:
-            return
-        # copy the pieces that followed this one last time into the other slots while it computes
-        keep, upcoming = {index}, index
-        for _ in range(len(self.plan.slot_sizes) - 1):
-            upcoming = self.next_piece.get(upcoming)
-            if upcoming is None or upcoming in keep:
+        self.trace.append(index)
+        if self.prefetch:
+            self._prefetch(index)
+
+    def _upcoming(self, index: int) -> list[int]:
+        """The pieces expected after `index`: the rest of the previous forward's reads when this
+        forward has read the same so far (a decode step reads what the one before it read: a piece
+        read twice in a step, like THL's reader, is no ambiguity), then the piece that followed
+        each last time."""
+        depth = len(self.plan.slot_sizes) - 1
+        position = len(self.trace) - 1
+        ahead = []
+        if position < len(self.last_trace) and self.last_trace[position] == index:
+            ahead = self.last_trace[position + 1:position + 1 + 4 * depth]
+        last = ahead[-1] if ahead else index
+        while len(set(ahead) - {index}) < depth:
+            last = self.next_piece.get(last)
+            if last is None or last == index or last in ahead:
+                break
+            ahead.append(last)
+        return ahead
+
+    def _prefetch(self, index: int) -> None:
+        """Copy the pieces expected next into the other slots while `index` computes."""
+        depth = len(self.plan.slot_sizes) - 1
+        keep = {index}
+        for upcoming in self._upcoming(index) if depth > 0 else []:
+            if len(keep) > depth:
                 return
+            if upcoming in keep:
+                continue
             keep.add(upcoming)
             if upcoming in self.slot_of:
                 continue
@@ -580,6 +605,8 @@ class LayeredEngine:
     # -- running ----------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, state: Any = None) -> Any:
         """The model's forward (inputs moved to the device)."""
+        if self.trace:
+            self.last_trace, self.trace = self.trace, []
         with torch.no_grad():
             return self.model(input_ids.to(self.device), state=state)
 
