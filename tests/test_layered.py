@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dynlm
+from dynlm.config import model_config
 from dynlm.errors import ConfigError, ContextLengthError
 from dynlm.infer.generate import generate_ids
 from dynlm.infer.layered import LayeredEngine, MemoryCapError, parse_bytes, state_capacity_bytes, streamable_units
@@ -214,12 +215,14 @@ def test_a_decode_step_copies_every_piece_once():
     tiers and again inside the step) must not make the engine copy pieces it will evict unused.
     Fails with a predictor that only remembers which piece followed which (24% more bytes)."""
     torch.manual_seed(0)
-    model = dynlm.build_model("thl-tiny", vocab_size=4096).eval()
+    # THL-7B's proportions at 1/32 of its width: 4 tiers, a 2,000-token head, a quarter of the weights fit
+    model = dynlm.build_model(model_config(dict(type="thl", vocab_size=2000, hidden_size=344, num_tiers=4,
+                                                memory_slots=64, read_heads=4, local_query_dim=16))).eval()
     engine = LayeredEngine(model, device="cpu")
     weights = sum(p.transfer_bytes for p in engine.plan.pieces)
     engine.fit_to_cap(cap_for(engine, weights // 4), None, 0)
     assert len(engine.plan.slot_sizes) == 2
-    out = engine(torch.randint(0, 4096, (1, 4)), state=engine.init_state(1))
+    out = engine(torch.randint(0, 2000, (1, 4)), state=engine.init_state(1))
     for step in range(3):
         copied = engine.bytes_copied
         out = engine(out.logits[:, -1].argmax(-1, keepdim=True), state=out.state)
