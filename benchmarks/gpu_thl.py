@@ -9,10 +9,14 @@ speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model 
 7b      the design document's 7B table: a random THL of ~7B parameters and a random standard model of ~7B
         (Mistral-7B shape: Llama-2-7B's 32 x 4096 with 8 KV heads) decoded through the layered engine under
         a 4 GiB GPU cap (torch.cuda.set_per_process_memory_fraction enforces it), batch 1 and 8, context 8K
-        where the state fits: peak GPU memory (allocated and reserved), tokens/s, the pinned host->device
-        floor. Weights are built in bf16 straight into pinned host memory, one tensor at a time (parameters
-        on the meta device first; no fp32 copy ever exists). Then the standard model again, streamed from
-        its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
+        (and the standard model at 8 x 1K): peak GPU memory (allocated and reserved), tokens/s, the pinned
+        host->device floor, the engine's slots. Weights are built in bf16 straight into pinned host memory,
+        one tensor at a time (parameters on the meta device first; no fp32 copy ever exists). Then each model
+        again, streamed from its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
+        A row whose state and smallest weight slot cannot fit the cap is reported with the MiB it needs,
+        computed before anything runs. Rows are started for at most `seconds7b` (the mapped rows of a model
+        for `mmap_seconds7b`); later ones are recorded as skipped. Host memory: one model pinned at a time
+        (14.2 GB) plus its checkpoint being written; disk: one checkpoint at a time (14.2 GB, --workdir).
 bpb     bits per byte at equal parameters and equal training tokens: THL vs standard trained through
         `dynlm.train` on the python-stdlib corpus (ships with the interpreter: nothing to carry), bytes.
 recall  a synthetic key-value recall task (4 key/value pairs, then N filler tokens, then the 4 keys again:
@@ -788,7 +792,7 @@ def configs(smoke: bool) -> dict[str, Any]:
         thl7b_runs=[(1, 8192), (8, 8192)], std7b_runs=[(1, 8192), (8, 8192), (8, 1024)],
         thl7b_mmap_runs=[(1, 8192), (8, 8192)], std7b_mmap_runs=[(1, 8192), (8, 8192)],
         # the whole part stops starting rows after seconds7b; each model's mapped rows after mmap_seconds7b
-        seconds7b=200, mmap_seconds7b=45,
+        seconds7b=180, mmap_seconds7b=45,
         bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=35, bpb_batch=16,
         bpb_seq=256, bpb_eval_bytes=32768,
         bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
