@@ -115,6 +115,9 @@ def test_streaming_from_a_memory_mapped_checkpoint(arch, tmp_path):
         full = model(x).logits
     engine = LayeredEngine.from_checkpoint(tmp_path / "ckpt", device="cpu")
     torch.testing.assert_close(engine(x).logits, full, atol=1e-5, rtol=1e-5)
+    copied = engine.bytes_copied
+    torch.testing.assert_close(engine(x).logits, full, atol=1e-5, rtol=1e-5)
+    assert engine.bytes_copied == copied  # no cap: every piece keeps a slot of its own
     # the host weights live in the file's memory mapping, not in copies of it
     path = str((tmp_path / "ckpt" / "model.safetensors").resolve())
     mapped = [tuple(int(a, 16) for a in line.split()[0].split("-"))

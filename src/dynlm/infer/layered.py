@@ -520,10 +520,11 @@ class LayeredEngine:
         """A slot of at least `need` bytes: a free one, or the least recently used piece's (not in `keep`)."""
         if not self.slots:
             self._allocate_slots()
-        for slot in self.free_slots:
-            if self.slots[slot].numel() >= need:
-                self.free_slots.remove(slot)
-                return slot
+        fitting = [slot for slot in self.free_slots if self.slots[slot].numel() >= need]
+        if fitting:  # the smallest that fits: without a budget each piece then gets the slot cut for it
+            slot = min(fitting, key=lambda s: self.slots[s].numel())
+            self.free_slots.remove(slot)
+            return slot
         for piece, slot in self.slot_of.items():
             if piece not in keep and self.slots[slot].numel() >= need:
                 del self.slot_of[piece], self.views[piece]
