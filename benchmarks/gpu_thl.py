@@ -523,7 +523,7 @@ def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
                    "needed_bytes": engine.bytes_needed(state, headroom)}
             if row["needed_bytes"] <= cap:
                 engine.fit_to_cap(cap, state, headroom)
-                row.update({"pieces": len(engine.plan.pieces), "slots": len(engine.slots),
+                row.update({"pieces": len(engine.plan.pieces), "slots": len(engine.plan.slot_sizes),
                             "slot_bytes": engine.plan.slot_bytes})
             rows.append(row)
         section["models"].append({"model": name, "weight_bytes": weights,
