@@ -9,10 +9,14 @@ speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model 
 7b      the design document's 7B table: a random THL of ~7B parameters and a random standard model of ~7B
         (Mistral-7B shape: Llama-2-7B's 32 x 4096 with 8 KV heads) decoded through the layered engine under
         a 4 GiB GPU cap (torch.cuda.set_per_process_memory_fraction enforces it), batch 1 and 8, context 8K
-        where the state fits: peak GPU memory (allocated and reserved), tokens/s, the pinned host->device
-        floor. Weights are built in bf16 straight into pinned host memory, one tensor at a time (parameters
-        on the meta device first; no fp32 copy ever exists). Then the standard model again, streamed from
-        its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
+        (and the standard model at 8 x 1K): peak GPU memory (allocated and reserved), tokens/s, the pinned
+        host->device floor, the engine's slots. Weights are built in bf16 straight into pinned host memory,
+        one tensor at a time (parameters on the meta device first; no fp32 copy ever exists). Then each model
+        again, streamed from its memory-mapped safetensors checkpoint on disk (`LayeredEngine.from_checkpoint`).
+        A row whose state and smallest weight slot cannot fit the cap is reported with the MiB it needs,
+        computed before anything runs. Rows are started for at most `seconds7b` (the mapped rows of a model
+        for `mmap_seconds7b`); later ones are recorded as skipped. Host memory: one model pinned at a time
+        (14.2 GB) plus its checkpoint being written; disk: one checkpoint at a time (14.2 GB, --workdir).
 bpb     bits per byte at equal parameters and equal training tokens: THL vs standard trained through
         `dynlm.train` on the python-stdlib corpus (ships with the interpreter: nothing to carry), bytes.
 recall  a synthetic key-value recall task (4 key/value pairs, then N filler tokens, then the 4 keys again:
@@ -41,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +57,9 @@ from torch import nn
 import dynlm
 from dynlm.infer.layered import LayeredEngine, MemoryCapError
 from dynlm.train.trainer import TrainStep
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -358,8 +364,9 @@ def layered_decode(engine: LayeredEngine, model: Any, batch: int, context: int, 
         row["prefilled_tokens"] = 4
     else:
         state = engine.init_state(batch, max_length=context + new_tokens + 2)
-        for start in range(0, context, prefill_chunk):
-            out = engine(torch.randint(0, vocab, (batch, min(prefill_chunk, context - start))), state=state)
+        chunk = max(1, prefill_chunk // batch)  # prefill_chunk tokens per forward: activations stay in the headroom
+        for start in range(0, context, chunk):
+            out = engine(torch.randint(0, vocab, (batch, min(chunk, context - start))), state=state)
             state = out.state
         row["prefilled_tokens"] = context
     sync(device)
@@ -401,9 +408,11 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                                        "pinned_gb_per_s": report.get("pinned_gb_per_s")})
     llama = model_config(dict(type="standard", **cfg["llama7b"]))
     section["llama2_7b_kv_bytes_8k_batch1"] = kv_bytes(llama, 1, 8192)
+    deadline = time.perf_counter() + cfg["seconds7b"]
     try:
-        for name, arch_cfg, runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"]),
-                                     ("standard-7b", cfg["std7b"], cfg["std7b_runs"])):
+        for name, arch_cfg, runs, mmap_runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"], cfg["thl7b_mmap_runs"]),
+                                                ("standard-7b", cfg["std7b"], cfg["std7b_runs"],
+                                                 cfg["std7b_mmap_runs"])):
             t0 = time.perf_counter()
             with parameters_on_meta():
                 model = dynlm.build_model(model_config(dict(arch_cfg)))
@@ -415,53 +424,67 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
                 info["floor_tokens_per_s_batch1"] = bw * 1e9 / info["weight_bytes"]
             log(f"7b: built {info}")
             ckpt = None
-            if name == "standard-7b" and cfg["mmap7b"]:
+            if cfg["mmap7b"]:
                 t0 = time.perf_counter()
-                ckpt = workdir / "standard-7b"
+                ckpt = workdir / name
                 model.save_pretrained(ckpt)
                 info["save_seconds"] = time.perf_counter() - t0
+                log(f"7b: saved {name} in {info['save_seconds']:.0f} s")
             section.setdefault("models", []).append(info)
             enforce_cap(device, cap)
             engine = LayeredEngine(model, device=device, max_gpu_memory=cap, dtype=dtype)
-            for batch, context in runs:
-                row = {"model": name, "source": "pinned host memory", "batch": batch, "context": context}
-                try:
-                    # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
-                    engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
-                                                            max_length=context + cfg["new7b"] + 2), headroom)
-                    row.update(layered_decode(engine, model, batch, context, cfg["new7b"], arch_cfg["vocab_size"],
-                                              cap, device, cfg["prefill_chunk"]))
-                except MemoryCapError as e:
-                    row["error"] = f"does not fit: {e}"
-                except Exception as e:
-                    row["error"] = error_text(e)
-                section["rows"].append(row)
-                log(f"7b: {row}")
-                write_report(report)
+            rows_7b(engine, name, "pinned host memory", runs, cfg, cap, device, section, report, deadline)
             del engine, model
             gc.collect()
             empty_host_cache()
             enforce_cap(device, None)
             if ckpt is not None:
-                row = {"model": name, "source": "memory-mapped safetensors on disk", "batch": 1,
-                       "context": cfg["mmap_context"]}
                 try:
                     enforce_cap(device, cap)
                     engine = LayeredEngine.from_checkpoint(ckpt, device=device, max_gpu_memory=cap, dtype=dtype)
-                    model = engine.model
-                    engine.fit_to_cap(cap, model.init_state(1, device="meta", dtype=dtype,
-                                                            max_length=cfg["mmap_context"] + 8), headroom)
-                    row.update(layered_decode(engine, model, 1, cfg["mmap_context"], cfg["mmap_new"],
-                                              arch_cfg["vocab_size"], cap, device, cfg["prefill_chunk"]))
-                    del engine, model
+                    # mapped pages copy slower: these rows get their own share of the time
+                    mmap_deadline = min(deadline, time.perf_counter() + cfg["mmap_seconds7b"])
+                    rows_7b(engine, name, "memory-mapped safetensors on disk", mmap_runs, cfg, cap, device, section,
+                            report, mmap_deadline, new_tokens=cfg["mmap_new"])
+                    del engine
                 except Exception as e:
-                    row["error"] = error_text(e)
-                section["rows"].append(row)
-                log(f"7b: {row}")
+                    section["rows"].append({"model": name, "source": "memory-mapped safetensors on disk",
+                                            "batch": 0, "context": 0, "error": error_text(e)})
                 shutil.rmtree(ckpt, ignore_errors=True)
                 gc.collect()
+                enforce_cap(device, None)
     finally:
         enforce_cap(device, None)
+
+
+def rows_7b(engine: LayeredEngine, name: str, source: str, runs: list[tuple[int, int]], cfg: dict[str, Any],
+            cap: int, device: torch.device, section: dict[str, Any], report: dict[str, Any], deadline: float,
+            new_tokens: int | None = None) -> None:
+    """One row per (batch, context): a row whose state and smallest weight slot cannot fit the cap
+    says how many MiB it needs (computed before anything is allocated) instead of running; a row
+    reached after `deadline` (perf_counter seconds) is recorded as skipped."""
+    model, dtype = engine.model, engine.dtype
+    new_tokens = new_tokens or cfg["new7b"]
+    for batch, context in runs:
+        row: dict[str, Any] = {"model": name, "source": source, "batch": batch, "context": context}
+        log(f"7b: {name} from {source}, batch {batch}, context {context:,} ...")
+        try:
+            if time.perf_counter() > deadline:
+                raise TimeoutError("skipped: the time given to these rows is spent")
+            # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
+            engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
+                                                    max_length=context + new_tokens + 2), cfg["headroom7b"])
+            stats = engine.stats()
+            row.update({"pieces": stats["pieces"], "slots": stats["slots"], "slot_bytes": stats["slot_bytes"]})
+            row.update(layered_decode(engine, model, batch, context, new_tokens, model.config.vocab_size,
+                                      cap, device, cfg["prefill_chunk"]))
+        except (MemoryCapError, TimeoutError) as e:
+            row["error"] = str(e)
+        except Exception as e:
+            row["error"] = error_text(e)
+        section["rows"].append(row)
+        log(f"7b: {row}")
+        write_report(report)
 
 
 def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
@@ -471,7 +494,7 @@ def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
     cap, headroom, element = cfg["cap7b"], cfg["headroom7b"], 2  # bf16, as in the 7b part
     section = report["budget"] = {"cap_bytes": cap, "headroom_bytes": headroom, "models": []}
     for name, arch_cfg, runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"]),
-                                 ("standard-7b", cfg["std7b"], cfg["std7b_runs"] + [(1, cfg["mmap_context"])])):
+                                 ("standard-7b", cfg["std7b"], cfg["std7b_runs"])):
         with parameters_on_meta():
             model = dynlm.build_model(model_config(dict(arch_cfg)))
         names = {id(m): n for n, m in model.named_modules()}
@@ -484,17 +507,26 @@ def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
         in_units = {id(p) for u in units for p in u.parameters()}
         resident = sum(p.numel() for p in model.parameters() if id(p) not in in_units) * element
         sizes = sorted((b for b, n in unit_bytes.values() for _ in range(n)), reverse=True)
+        unique = {id(p): p for p in model.parameters()}.values()  # a tied embedding and head count once
+        weights = sum(p.numel() for p in unique) * element
+        # the engine's own plan on the meta device: the pieces and slots each row gets, no memory
+        engine = LayeredEngine(model.to(torch.bfloat16), device="meta", max_gpu_memory=cap, dtype=torch.bfloat16)
         rows = []
         for batch, context in runs:
             state = model.init_state(batch, device="meta", dtype=torch.bfloat16,
                                      max_length=context + cfg["new7b"] + 2)
             allocated, counted = state_capacity_bytes(state), model.state_nbytes(state)
-            rows.append({"batch": batch, "context": context, "state_allocated_bytes": allocated,
-                         "state_counted_by_first_run_bytes": counted,
-                         "weight_budget_first_run": cap - resident - counted - headroom,
-                         "weight_budget": cap - resident - allocated - headroom})
-        unique = {id(p): p for p in model.parameters()}.values()  # a tied embedding and head count once
-        section["models"].append({"model": name, "weight_bytes": sum(p.numel() for p in unique) * element,
+            row = {"batch": batch, "context": context, "state_allocated_bytes": allocated,
+                   "state_counted_by_first_run_bytes": counted,
+                   "weight_budget_first_run": cap - resident - counted - headroom,
+                   "weight_budget": cap - resident - allocated - headroom,
+                   "needed_bytes": engine.bytes_needed(state, headroom)}
+            if row["needed_bytes"] <= cap:
+                engine.fit_to_cap(cap, state, headroom)
+                row.update({"pieces": len(engine.plan.pieces), "slots": len(engine.plan.slot_sizes),
+                            "slot_bytes": engine.plan.slot_bytes})
+            rows.append(row)
+        section["models"].append({"model": name, "weight_bytes": weights,
                                   "resident_bytes": resident,
                                   "units": {k: {"bytes": b, "count": n} for k, (b, n) in unit_bytes.items()},
                                   "largest_unit_bytes": sizes[0], "two_largest_units_bytes": sum(sizes[:2]),
@@ -724,14 +756,16 @@ def configs(smoke: bool) -> dict[str, Any]:
         return dict(
             vocab=512, std="standard-tiny", thl="thl-tiny", batch=2, seq=32, steps=1,
             contexts=[64, 256], decode=4, real=64, layered="standard-tiny", cap=2 * 2**20, batches=[1, 2],
-            cap7b=64 * 2**20, headroom7b=2**20, new7b=2, prefill_chunk=64, mmap7b=True, mmap_context=64, mmap_new=2,
+            cap7b=320 * 2**10, headroom7b=32 * 2**10, new7b=2, prefill_chunk=64, mmap7b=True, mmap_new=2,
             llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                          intermediate_size=11008),
             thl7b=dict(type="thl", vocab_size=256, hidden_size=64, num_tiers=4, memory_slots=32, read_heads=4,
                        local_query_dim=16),
             std7b=dict(type="standard", vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                        intermediate_size=128, max_position_embeddings=1024),
-            thl7b_runs=[(1, 128), (2, 128)], std7b_runs=[(1, 128), (2, 64)],
+            thl7b_runs=[(1, 128), (2, 128)], std7b_runs=[(1, 128), (2, 64), (64, 1024)],
+            thl7b_mmap_runs=[(1, 128), (2, 128)], std7b_mmap_runs=[(1, 128), (64, 1024)], seconds7b=120,
+            mmap_seconds7b=60,
             bpb_corpus=str(Path(__file__).resolve().parent / "gpu_thl.py"), bpb_vocab=320, bpb_steps=2,
             bpb_min_steps=2, bpb_seconds=5, bpb_batch=2, bpb_seq=32, bpb_eval_bytes=512,
             bpb_std=dict(type="standard", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -745,8 +779,7 @@ def configs(smoke: bool) -> dict[str, Any]:
     return dict(
         vocab=50304, std="gpt2-small-like", thl="thl-125m", batch=16, seq=256, steps=3,
         contexts=[1024, 8192, 65536, 262144], decode=32, real=1024, layered="qwen2.5-1.5b", cap=2**30, batches=[1, 8],
-        cap7b=4 * 2**30, headroom7b=512 * 2**20, new7b=6, prefill_chunk=1024, mmap7b=True, mmap_context=1024,
-        mmap_new=3,
+        cap7b=4 * 2**30, headroom7b=512 * 2**20, new7b=6, prefill_chunk=1024, mmap7b=True, mmap_new=3,
         # Llama-2-7B: its KV cache at 8K is computed, to say why the standard model run has 8 KV heads
         llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                      intermediate_size=11008),
@@ -757,6 +790,9 @@ def configs(smoke: bool) -> dict[str, Any]:
         std7b=dict(type="standard", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                    intermediate_size=14336, max_position_embeddings=32768, rope_theta=1e6),
         thl7b_runs=[(1, 8192), (8, 8192)], std7b_runs=[(1, 8192), (8, 8192), (8, 1024)],
+        thl7b_mmap_runs=[(1, 8192), (8, 8192)], std7b_mmap_runs=[(1, 8192), (8, 8192)],
+        # the whole part stops starting rows after seconds7b; each model's mapped rows after mmap_seconds7b
+        seconds7b=180, mmap_seconds7b=45,
         bpb_corpus="python-stdlib", bpb_vocab=320, bpb_steps=300, bpb_min_steps=30, bpb_seconds=35, bpb_batch=16,
         bpb_seq=256, bpb_eval_bytes=32768,
         bpb_std=dict(type="standard", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
@@ -797,9 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, limit):
             setattr(dynamo_config, limit, 64)
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = args.commit or os.environ.get("BENCH_COMMIT") or subprocess.run(
-        git, capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = provenance.commit(args.commit or os.environ.get("BENCH_COMMIT"))
     cfg = configs(args.smoke)
     if args.bpb_seconds is not None:
         cfg["bpb_seconds"] = args.bpb_seconds
@@ -860,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict[str, Any]) -> str:
     mib = lambda b: "" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
     lines = [f"# THL: 7B table, bits per byte, recall, training speed ({r['device']})", "",
-             f"torch {r['torch']}, commit {r['commit']}. Produced by `benchmarks/gpu_thl.py --parts "
+             f"torch {r['torch']}, commit {provenance.short(r['commit'])}. Produced by `benchmarks/gpu_thl.py --parts "
              f"{','.join(r['parts'])}`{' --smoke (a CPU check, not a measurement)' if r['smoke'] else ''}. "
              f"Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in r["part_seconds"].items())
              + f"; total {r.get('seconds', 0):.0f}.", ""]
@@ -881,14 +915,18 @@ def markdown(r: dict[str, Any]) -> str:
                       f"{m['resident_bytes']:,} bytes; streamed units: {units}; largest unit "
                       f"{mib1(m['largest_unit_bytes'])} MiB, the two largest {mib1(m['two_largest_units_bytes'])} MiB",
                       "", "| model | batch | context | state allocated MiB | state as the first run counted MiB | "
-                      "weight budget then MiB | weight budget now MiB | largest unit fits | two largest fit |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "weight budget then MiB | weight budget now MiB | largest unit fits | two largest fit | "
+                      "MiB needed (one smallest slot) | pieces, slots x MiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for row in m["rows"]:
                 budget = row["weight_budget"]
+                plan = (f"{row['pieces']}, {row['slots']} x {mib1(row['slot_bytes'])}" if "slots" in row
+                        else "does not fit")
                 cells = [m["model"], str(row["batch"]), f"{row['context']:,}", mib1(row["state_allocated_bytes"]),
                          mib1(row["state_counted_by_first_run_bytes"]), mib1(row["weight_budget_first_run"]),
                          mib1(budget), "yes" if budget >= m["largest_unit_bytes"] else "no",
-                         "yes" if budget >= m["two_largest_units_bytes"] else "no"]
+                         "yes" if budget >= m["two_largest_units_bytes"] else "no",
+                         mib1(row.get("needed_bytes", 0)), plan]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     if r.get("speed"):
@@ -940,21 +978,22 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{m['weight_bytes'] / 1e9:.1f} GB of "
                          f"weights, built in {m['build_seconds']:.0f} s"
                          + (f"; batch-1 floor (bytes / bandwidth) {floor:.2f} tokens/s" if floor else ""))
-        lines += ["", "| model | weights from | batch | context | state MiB | tokens/s | s/step | share of floor "
-                  "(per row) | peak allocated MiB | peak reserved MiB | GB copied/step |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | weights from | batch | context | state MiB | slots x MiB | tokens/s | s/step | "
+                  "share of floor (per row) | peak allocated MiB | peak reserved MiB | GB copied/step | GB/s copied |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         floors = {m["model"]: m.get("floor_tokens_per_s_batch1") for m in s7.get("models", [])}
         for e in s7["rows"]:
             if "error" in e:
-                lines.append(f"| {e['model']} | {e['source']} | {e['batch']} | {e['context']:,} | | {e['error']} "
-                             "| | | | | |")
+                lines.append(f"| {e['model']} | {e['source']} | {e['batch']} | {e['context']:,} | | | {e['error']} "
+                             "| | | | | | |")
                 continue
             floor = floors.get(e["model"])
             share = f"{e['tokens_per_s'] / e['batch'] / floor:.2f}" if floor else ""
+            slots = f"{e['slots']} x {mib(e['slot_bytes'])}" if "slots" in e else ""
             lines.append(f"| {e['model']} | {e['source']} | {e['batch']} | {e['context']:,} | "
-                         f"{mib(e['state_bytes'])} | {e['tokens_per_s']:.2f} | {e['seconds_per_step']:.2f} | {share} | "
-                         f"{mib(e['peak_allocated'])} "
-                         f"| {mib(e['peak_reserved'])} | {e['gb_copied_per_step']:.1f} |")
+                         f"{mib(e['state_bytes'])} | {slots} | {e['tokens_per_s']:.2f} | {e['seconds_per_step']:.2f} | "
+                         f"{share} | {mib(e['peak_allocated'])} | {mib(e['peak_reserved'])} | "
+                         f"{e['gb_copied_per_step']:.1f} | {e['gb_copied_per_s']:.1f} |")
         lines += ["", f"Llama-2-7B's own shape (32 KV heads) would need a KV cache of "
                   f"{s7.get('llama2_7b_kv_bytes_8k_batch1', 0) / 2**30:.2f} GiB at 8K tokens, batch 1 (bf16), against "
                   f"a cap of {s7['cap_bytes'] / 2**30:.2f} GiB for everything: with a layer of weights beside it, it "

@@ -7,13 +7,20 @@ GPU memory, by keeping them in host memory and streaming them to the GPU one uni
 
 How it works. The model's modules are split into *units*: each element of a `ModuleList` (a
 transformer layer, a THL tier) and each other child holding many parameters (embedding, head).
-Everything else (norms, rotary tables, small routers) stays on the GPU. A forward pre-hook on
-every module of a unit loads the unit before any of its code runs, so the model's own `forward`
-runs unchanged: the logits are the normal forward's by construction (nothing is re-implemented,
-nothing skipped). Units stay on the GPU up to the memory cap and are evicted least recently used
-first. Copies run on a second CUDA stream from pinned host memory; when unit u starts, the unit
-that followed u last time is copied while u computes (prefetch). A batch of prompts shares each
-weight transfer (the batch amortises the transfer: FlexGen's lesson).
+Everything else (norms, rotary tables, small routers) stays on the GPU. For a weight budget the
+units are cut into *pieces*: a unit's leaf modules packed in definition order up to a target size
+(half the budget, so that two pieces fit: one computes while the next is copied), and a unit that
+is one linear or one embedding larger than that (a 32K-vocabulary head) cut into chunks of output
+(vocabulary) rows, run chunk by chunk. The pieces are copied into *slots*: buffers of the largest
+piece's size, allocated once when the budget is set; a piece's weights are views of its slot, so
+no load allocates and the caching allocator cannot fragment. Every streamed parameter is a
+property of its module: reading `module.weight` copies its piece into a slot if it is not in one
+(evicting the least recently used piece) and returns the view, so the model's own `forward` runs
+unchanged, whatever code reads the weight: the logits are the normal forward's (only a cut head or
+embedding computes its rows in chunks, each output element as in the whole forward). Copies run on
+a second CUDA stream from pinned host memory; when piece p is read, the pieces the previous
+forward read after it are copied into the other slots while p computes (prefetch). A batch of prompts shares
+each weight transfer (the batch amortises the transfer: FlexGen's lesson).
 
 Optional int8 weight-only compression (`int8=True`): every 2-D weight of a unit is stored on the
 host as int8 with one fp scale per output row, copied as int8 (half of bf16's bytes) and
@@ -40,12 +47,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn import functional as F
 
 from dynlm.checkpoint import load_state_into, read_config, safetensors_files
 from dynlm.config import model_config
 from dynlm.errors import CheckpointError, ConfigError, ContextLengthError, DynlmError
 from dynlm.infer.sampling import SamplingConfig, select_next
 from dynlm.nn.quant import quantize_int8
+
+_ALIGN = 256  # bytes: every view in a slot starts on this boundary
 
 
 class MemoryCapError(DynlmError):
@@ -149,9 +159,10 @@ def state_capacity_bytes(state: Any) -> int:
 class _HostParam:
     """A parameter's host copy (pinned when streaming to a GPU), or its int8 form."""
 
-    def __init__(self, param: nn.Parameter, dtype: torch.dtype, pin: bool, int8: bool):
+    def __init__(self, param: nn.Parameter, dtype: torch.dtype, pin: bool, int8: bool, device: torch.device):
         self.param = param
-        data = param.data.to("cpu", dtype)
+        # a model on the meta device (with device="meta": the plan's arithmetic, no memory) stays there
+        data = param.data.to(dtype) if param.device.type == "meta" else param.data.to("cpu", dtype)
         self.int8 = int8 and data.dim() == 2
         if self.int8:
             q, scale = quantize_int8(data)
@@ -161,28 +172,178 @@ class _HostParam:
         if pin:
             self.tensors = [t.pin_memory() for t in self.tensors]
         self.dtype = dtype
-        self.transfer_bytes = sum(t.numel() * t.element_size() for t in self.tensors)
-        self.device_bytes = param.numel() * torch.empty((), dtype=dtype).element_size()
-        # the module keeps an empty placeholder while the weight is on the host only
-        param.data = torch.empty(0, dtype=dtype)
+        self.shape = data.shape
+        # the module keeps an empty placeholder (right dtype and device) while the weight is streamed
+        param.data = torch.empty(0, dtype=dtype, device=device)
 
-    def to_device(self, device: torch.device) -> torch.Tensor:
-        moved = [t.to(device, non_blocking=True) for t in self.tensors]
-        if self.int8:
-            return (moved[0].to(self.dtype) * moved[1]).view(self.param_shape)
-        return moved[0]
+    def rows(self, start: int, stop: int) -> tuple[torch.Size, list[torch.Tensor]]:
+        """Rows [start, stop) of the weight: their device shape and the host tensors to copy."""
+        if not self.shape:
+            return self.shape, self.tensors
+        return torch.Size((stop - start, *self.shape[1:])), [t[start:stop] for t in self.tensors]
 
-    @property
-    def param_shape(self) -> torch.Size:
-        return self.tensors[0].shape
+
+def _base_class(module: nn.Module) -> type:
+    """The module's own class (the engine gives streamed modules a subclass)."""
+    return getattr(type(module), "_layered_base", type(module))
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+class _Entry:
+    """Rows [start, stop) of one streamed parameter inside a piece: where its device view starts in
+    the slot, and (int8) where its int8 rows and scales are staged before they are dequantized."""
+
+    def __init__(self, host: _HostParam, start: int, stop: int):
+        self.host = host
+        self.shape, self.sources = host.rows(start, stop)
+        element = torch.empty((), dtype=host.dtype).element_size()
+        self.device_bytes = self.shape.numel() * element
+        self.transfer_bytes = sum(t.numel() * t.element_size() for t in self.sources)
+        self.slot_bytes = _aligned(self.device_bytes)
+        if host.int8:
+            self.slot_bytes += sum(_aligned(t.numel() * t.element_size()) for t in self.sources)
+
+    def view(self, slot: torch.Tensor, offset: int) -> torch.Tensor:
+        """Copies the rows into `slot` at `offset` (on the current stream) and returns their view."""
+        target = slot[offset:offset + self.device_bytes].view(self.host.dtype).view(self.shape)
+        if not self.host.int8:
+            target.copy_(self.sources[0], non_blocking=True)
+            return target
+        at = offset + _aligned(self.device_bytes)
+        staged = []
+        for source in self.sources:
+            nbytes = source.numel() * source.element_size()
+            staged.append(slot[at:at + nbytes].view(source.dtype).view(source.shape))
+            staged[-1].copy_(source, non_blocking=True)
+            at += _aligned(nbytes)
+        target.copy_(staged[0])
+        return target.mul_(staged[1])
+
+
+class _Piece:
+    """What is copied into one slot at a time: the parameters of one or more leaf modules of a
+    unit, or a chunk of rows of one large linear or embedding (`rows`)."""
+
+    def __init__(self, unit: int, entries: list[tuple[nn.Module, str, _Entry]], rows: tuple[int, int] | None = None):
+        self.unit, self.entries, self.rows = unit, entries, rows
+        self.nbytes = sum(e.slot_bytes for _, _, e in entries)
+        self.transfer_bytes = sum(e.transfer_bytes for _, _, e in entries)
+
+
+def _splittable(unit: nn.Module, module: nn.Module) -> bool:
+    """A unit that is one linear or one embedding (a head, an embedding) can run on chunks of its
+    output (vocabulary) rows. Linears inside a larger unit are not cut: code may read their
+    weight whole (a reader's `k_proj.weight.view(...)`)."""
+    base = _base_class(module)
+    if module is not unit:
+        return False
+    if base is nn.Embedding:
+        return module.max_norm is None
+    return base is nn.Linear
+
+
+class _Plan:
+    """How the streamed weights are cut into pieces for a weight budget, and the fixed slots the
+    pieces are copied into. Target piece size: half the budget (two slots: one computes while the
+    next is copied), never more than the largest unit (a unit is not cut when two of it fit), never
+    less than the largest leaf module that cannot be cut. Leaves of a unit are packed in
+    definition order up to the target; a linear or embedding larger than the target is cut into
+    chunks of output rows when it is a unit of its own. No budget: one piece per unit, each in a
+    slot of its own size."""
+
+    def __init__(self, units_: list[nn.Module], leaves: list[list[tuple[nn.Module, list[tuple[str, _HostParam]]]]],
+                 budget: int | None):
+        units = [[(m, named, sum(_Entry(h, 0, h.shape[0] if h.shape else 0).slot_bytes for _, h in named),
+                   _splittable(unit, m)) for m, named in unit_leaves] for unit, unit_leaves in zip(units_, leaves)]
+        unit_bytes = [sum(b for _, _, b, _ in unit) for unit in units]
+        largest_unit = max(unit_bytes, default=0)
+        self.smallest_slot = max((self._row_bytes(named) if cut else b for unit in units
+                                  for _, named, b, cut in unit), default=0)
+        if budget is None:
+            target = largest_unit
+        else:
+            target = min(largest_unit, max(self.smallest_slot, budget // 2))
+        self.target = target
+        self.pieces: list[_Piece] = []
+        self.splits: dict[int, list[int]] = {}  # id(module) -> its chunk pieces, in row order
+        for index, unit in enumerate(units):
+            packed: list[tuple[nn.Module, str, _Entry]] = []
+            for module, named, nbytes, cut in unit:
+                if budget is not None and nbytes > target and cut:
+                    if packed:
+                        self.pieces.append(_Piece(index, packed))
+                        packed = []
+                    self._split(index, module, named, target)
+                    continue
+                if packed and sum(e.slot_bytes for _, _, e in packed) + nbytes > target:
+                    self.pieces.append(_Piece(index, packed))
+                    packed = []
+                packed += [(module, name, _Entry(h, 0, h.shape[0] if h.shape else 0)) for name, h in named]
+            if packed:
+                self.pieces.append(_Piece(index, packed))
+        sizes = [p.nbytes for p in self.pieces]
+        self.slot_bytes = max(sizes, default=0)
+        if budget is None:
+            self.slot_sizes = sizes
+        else:
+            self.slot_sizes = [self.slot_bytes] * min(len(sizes), budget // max(self.slot_bytes, 1))
+
+    @staticmethod
+    def _row_bytes(named: list[tuple[str, _HostParam]]) -> int:
+        return sum(_Entry(h, 0, 1).slot_bytes for _, h in named)
+
+    def _split(self, unit: int, module: nn.Module, named: list[tuple[str, _HostParam]], target: int) -> None:
+        rows = named[0][1].shape[0]
+        per_row = sum(_Entry(h, 0, 1).device_bytes + (_Entry(h, 0, 1).transfer_bytes if h.int8 else 0)
+                      for _, h in named)
+        chunk = max(1, (target - 4 * _ALIGN * len(named)) // per_row)
+        chunks = self.splits.setdefault(id(module), [])
+        for start in range(0, rows, chunk):
+            stop = min(rows, start + chunk)
+            chunks.append(len(self.pieces))
+            self.pieces.append(_Piece(unit, [(module, name, _Entry(h, start, stop)) for name, h in named],
+                                      rows=(start, stop)))
+
+
+_STREAMED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _streamed_class(base: type, names: tuple[str, ...]) -> type:
+    """A subclass of `base` whose streamed parameters are properties: reading `module.weight` asks
+    the engine for the piece holding it (copied to its slot if it is not there) and returns its
+    view in the slot. Whatever code reads the weight (the module's forward, or another module
+    reading it directly) gets it loaded first. A linear or embedding cut into row chunks runs its
+    forward chunk by chunk."""
+    key = (base, names)
+    if key in _STREAMED_CLASSES:
+        return _STREAMED_CLASSES[key]
+
+    def streamed(name: str) -> property:
+        return property(lambda module: module.__dict__["_layered_engine"]._param(module, name))
+
+    namespace: dict[str, Any] = {name: streamed(name) for name in names}
+    namespace["_layered_base"] = base
+    if base in (nn.Linear, nn.Embedding):
+        def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            engine = module.__dict__["_layered_engine"]
+            if id(module) in engine.plan.splits:
+                return engine._chunked_forward(module, x)
+            return base.forward(module, x)
+        namespace["forward"] = forward
+    cls = type(base.__name__, (base,), namespace)
+    _STREAMED_CLASSES[key] = cls
+    return cls
 
 
 class LayeredEngine:
     """Runs `model` (on the host, weights loaded) on `device` with at most `max_gpu_memory` bytes
     of weights there. The engine takes the model over: its streamed weights live in the engine's
-    host copies from now on (the module holds placeholders while a unit is not loaded).
-    `pin_memory=False` streams from the weights where they are (e.g. a mapped file) instead of
-    pinned copies of them."""
+    host copies from now on (the module holds empty placeholders; reading a streamed weight gives
+    its view in a device slot). `pin_memory=False` streams from the weights where they are (e.g. a
+    mapped file) instead of pinned copies of them."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cuda", max_gpu_memory: int | None = None,
                  int8: bool = False, dtype: torch.dtype | None = None, prefetch: bool = True,
@@ -206,31 +367,46 @@ class LayeredEngine:
         self.resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in unit_params)
         hosts: dict[int, _HostParam] = {}
         self.unit_params: list[list[_HostParam]] = []
+        self.leaves: list[list[tuple[nn.Module, list[tuple[str, _HostParam]]]]] = []
         for unit in self.units:
-            entries = []
-            for p in unit.parameters():
-                if id(p) not in hosts:  # tied weights are one parameter shared by two units
-                    hosts[id(p)] = _HostParam(p, self.dtype, pin=cuda and pin_memory, int8=int8)
-                entries.append(hosts[id(p)])
+            entries: list[_HostParam] = []
+            leaves = []
+            for module in unit.modules():
+                named = []
+                for name, p in module._parameters.items():
+                    if p is None:
+                        continue
+                    if id(p) not in hosts:  # tied weights are one parameter shared by two units
+                        hosts[id(p)] = _HostParam(p, self.dtype, pin=cuda and pin_memory, int8=int8,
+                                                  device=self.device)
+                    named.append((name, hosts[id(p)]))
+                    if hosts[id(p)] not in entries:
+                        entries.append(hosts[id(p)])
+                if named:
+                    leaves.append((module, named))
             self.unit_params.append(entries)
-        self.unit_bytes = [sum(h.device_bytes for h in entries) for entries in self.unit_params]
-        self.transfer_bytes = [sum(h.transfer_bytes for h in entries) for entries in self.unit_params]
-        largest = max(self.unit_bytes, default=0)
-        self.budget = None if max_gpu_memory is None else max_gpu_memory - self.resident_bytes
-        if self.budget is not None and self.budget < largest:
-            raise MemoryCapError(f"--max-gpu-memory {max_gpu_memory / 1e6:.3g} MB is smaller than one layer plus the "
-                                 f"resident weights ({(largest + self.resident_bytes) / 1e6:.3g} MB)")
+            self.leaves.append(leaves)
+        for unit_leaves in self.leaves:
+            for module, named in unit_leaves:
+                if "_layered_engine" not in module.__dict__:
+                    module.__class__ = _streamed_class(_base_class(module), tuple(n for n, _ in named))
+                object.__setattr__(module, "_layered_engine", self)
+        self.unit_bytes = [sum(h.shape.numel() * torch.empty((), dtype=self.dtype).element_size() for h in entries)
+                           for entries in self.unit_params]
+        self.transfer_bytes = [sum(t.numel() * t.element_size() for h in entries for t in h.tensors)
+                               for entries in self.unit_params]
         self.prefetch = prefetch
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.loaded: OrderedDict[int, torch.cuda.Event | None] = OrderedDict()  # unit -> copy-done event, LRU order
-        self.holders: dict[int, int] = {}  # id(param) -> loaded units holding it
-        self.next_unit: dict[int, int] = {}  # unit -> the unit that ran after it last time
-        self.previous: int | None = None
         self.bytes_copied = 0
-        self.hooks = []
-        for index, unit in enumerate(self.units):
-            for module in unit.modules():
-                self.hooks.append(module.register_forward_pre_hook(self._make_hook(index)))
+        self.slot_allocations = 0
+        self.slots: list[torch.Tensor] = []
+        self.budget = None if max_gpu_memory is None else max_gpu_memory - self.resident_bytes
+        self.plan = _Plan(self.units, self.leaves, None)  # only for its smallest slot, before the real plan
+        if self.budget is not None and self.budget < self.plan.smallest_slot:
+            raise MemoryCapError(f"--max-gpu-memory {max_gpu_memory / 1e6:.3g} MB cannot hold the largest weight "
+                                 f"piece plus the resident weights "
+                                 f"({(self.plan.smallest_slot + self.resident_bytes) / 1e6:.3g} MB)")
+        self._replan(self.budget)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cuda",
@@ -258,86 +434,180 @@ class LayeredEngine:
         return cls(model, device=device, max_gpu_memory=max_gpu_memory, int8=int8, dtype=dtype, prefetch=prefetch,
                    pin_memory=False)
 
+    @property
+    def smallest_slot_bytes(self) -> int:
+        """The largest piece that cannot be cut: one slot of it is the least the weights need."""
+        return self.plan.smallest_slot
+
+    def bytes_needed(self, state: Any, headroom: int) -> int:
+        """The least device memory a run with `state` needs: resident weights, the state's allocated
+        bytes (`state_capacity_bytes`), one slot of the smallest size possible, and `headroom`."""
+        return self.resident_bytes + state_capacity_bytes(state) + self.plan.smallest_slot + headroom
+
     def fit_to_cap(self, cap: int, state: Any, headroom: int) -> None:
         """Set the weight budget for a cap on everything the process holds on the device: `cap`
-        minus the resident weights, the state's allocated bytes (`state_capacity_bytes`) and
-        `headroom` (activations, allocator slack). MemoryCapError if one unit does not fit."""
-        state_bytes = state_capacity_bytes(state)
-        budget = cap - self.resident_bytes - state_bytes - headroom
-        largest = max(self.unit_bytes, default=0)
-        if budget < largest:
-            raise MemoryCapError(f"cap {cap / 2**30:.2f} GiB < state {state_bytes / 2**30:.2f} GiB + largest unit "
-                                 f"{largest / 2**30:.2f} GiB + resident {self.resident_bytes / 2**30:.2f} GiB + "
-                                 f"headroom {headroom / 2**30:.2f} GiB")
-        self.budget = budget
+        minus the resident weights, the state's allocated bytes and `headroom` (activations,
+        allocator slack); the pieces and slots are planned for it (the old slots are freed first).
+        MemoryCapError, before anything is allocated, if not even one slot fits."""
+        needed = self.bytes_needed(state, headroom)
+        if cap < needed:
+            mib = 2**20
+            raise MemoryCapError(f"does not fit: {needed / mib:,.1f} MiB needed (state "
+                                 f"{state_capacity_bytes(state) / mib:,.1f} + smallest slot "
+                                 f"{self.plan.smallest_slot / mib:,.1f} + resident {self.resident_bytes / mib:,.1f} + "
+                                 f"headroom {headroom / mib:,.1f}) > cap {cap / mib:,.1f} MiB")
+        self._replan(cap - self.resident_bytes - state_capacity_bytes(state) - headroom)
 
     # -- residency ------------------------------------------------------------------------------
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: Any) -> None:
+    def _replan(self, budget: int | None) -> None:
+        """Cut the weights into pieces for `budget`; the slots come at the first load, once: from
+        there on every copy goes into a view of a slot (no allocation per load, so nothing
+        fragments). Nothing is allocated here: an engine built under a cap and then fitted to it
+        never holds two plans' slots."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or kernel still reads the old slots
+        self.slots, self.views = [], {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the old slots' blocks go back before slots of another size are cut
+        self.budget = budget
+        self.plan = _Plan(self.units, self.leaves, budget)
+        self.where: dict[tuple[int, str], tuple[int, int]] = {}  # (id(module), name) -> (piece, entry)
+        for index, piece in enumerate(self.plan.pieces):
+            for k, (module, name, _) in enumerate(piece.entries):
+                if piece.rows is None:
+                    self.where[(id(module), name)] = (index, k)
+        self.free_slots: list[int] = []  # the slots are allocated at the first load (_allocate_slots)
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # piece -> its slot, least recently used first
+        self.views: dict[int, list[torch.Tensor]] = {}  # piece -> its tensors' views in its slot
+        self.ready: dict[int, torch.cuda.Event | None] = {}  # piece -> its copy-done event until first waited on
+        self.next_piece: dict[int, int] = {}  # piece -> the piece read after it last time
+        self.current: int | None = None
+        self.trace: list[int] = []  # the pieces read by this forward, in order
+        self.last_trace: list[int] = []  # and by the forward before it
+
+    def _param(self, module: nn.Module, name: str) -> torch.Tensor:
+        where = self.where.get((id(module), name))
+        if where is None:  # cut into row chunks: only its own forward reads it, chunk by chunk
+            return module._parameters[name]
+        self._use(where[0])
+        return self.views[where[0]][where[1]]
+
+    def _chunked_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A linear (output rows) or an embedding (vocabulary rows) computed one chunk of rows at a
+        time: each output element is computed as in the whole forward."""
+        out = None
+        for index in self.plan.splits[id(module)]:
             self._use(index)
-        return hook
+            start, stop = self.plan.pieces[index].rows
+            tensors = self.views[index]
+            if _base_class(module) is nn.Linear:
+                part = F.linear(x, tensors[0], tensors[1] if len(tensors) > 1 else None)
+                if out is None:
+                    out = part.new_empty((*part.shape[:-1], module.out_features))
+                out[..., start:stop] = part
+            else:
+                inside = (x >= start) & (x < stop)
+                part = F.embedding((x - start).clamp(0, stop - start - 1), tensors[0])
+                out = torch.where(inside[..., None], part, 0 if out is None else out)
+        return out
 
-    def _used_bytes(self) -> int:
-        return sum(self.unit_bytes[u] for u in self.loaded)
+    def _allocate_slots(self) -> None:
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in self.plan.slot_sizes]
+        self.free_slots = list(range(len(self.slots)))
+        self.slot_allocations += 1
 
-    def _make_room(self, need: int, keep: set[int]) -> bool:
-        if self.budget is None:
-            return True
-        while self._used_bytes() + need > self.budget:
-            victim = next((u for u in self.loaded if u not in keep), None)
-            if victim is None:
-                return False
-            self._evict(victim)
-        return True
+    def _acquire(self, need: int, keep: set[int]) -> int | None:
+        """A slot of at least `need` bytes: a free one, or the least recently used piece's (not in `keep`)."""
+        if not self.slots:
+            self._allocate_slots()
+        fitting = [slot for slot in self.free_slots if self.slots[slot].numel() >= need]
+        if fitting:  # the smallest that fits: without a budget each piece then gets the slot cut for it
+            slot = min(fitting, key=lambda s: self.slots[s].numel())
+            self.free_slots.remove(slot)
+            return slot
+        for piece, slot in self.slot_of.items():
+            if piece not in keep and self.slots[slot].numel() >= need:
+                del self.slot_of[piece], self.views[piece]
+                self.ready.pop(piece, None)
+                return slot
+        return None
 
-    def _load(self, index: int) -> None:
+    def _load(self, index: int, slot: int) -> None:
+        piece = self.plan.pieces[index]
         stream = self.copy_stream
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.device))  # evicted memory is free to reuse
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader has run
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for host in self.unit_params[index]:
-                if self.holders.get(id(host.param), 0) == 0:
-                    host.param.data = host.to_device(self.device)
-                    self.bytes_copied += host.transfer_bytes
-                self.holders[id(host.param)] = self.holders.get(id(host.param), 0) + 1
+            views, offset = [], 0
+            for _, _, entry in piece.entries:
+                views.append(entry.view(self.slots[slot], offset))
+                offset += entry.slot_bytes
             event = None
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
-        self.loaded[index] = event
-
-    def _evict(self, index: int) -> None:
-        self.loaded.pop(index)
-        for host in self.unit_params[index]:
-            self.holders[id(host.param)] -= 1
-            if self.holders[id(host.param)] == 0:
-                host.param.data = torch.empty(0, dtype=self.dtype)
+        self.bytes_copied += piece.transfer_bytes
+        self.slot_of[index], self.views[index], self.ready[index] = slot, views, event
 
     def _use(self, index: int) -> None:
-        if index == self.previous:
+        if index == self.current:
             return
-        if index not in self.loaded:
-            if not self._make_room(self.unit_bytes[index], keep=set()):
-                raise MemoryCapError("the memory cap cannot hold one unit")  # excluded by the check in __init__
-            self._load(index)
-        event = self.loaded.pop(index)
-        self.loaded[index] = None  # most recently used; its copy is awaited now
+        if index not in self.slot_of:
+            slot = self._acquire(self.plan.pieces[index].nbytes, keep=set())
+            if slot is None:
+                raise MemoryCapError("no slot holds this piece")  # excluded by the plan
+            self._load(index, slot)
+        self.slot_of.move_to_end(index)
+        event = self.ready.pop(index, None)
         if event is not None:
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(event)
-            for host in self.unit_params[index]:
-                host.param.data.record_stream(compute)  # not reused before the compute is done
-        if self.previous is not None:
-            self.next_unit[self.previous] = index
-        self.previous = index
-        upcoming = self.next_unit.get(index)
-        if (self.prefetch and upcoming is not None and upcoming not in self.loaded
-                and self._make_room(self.unit_bytes[upcoming], keep={index})):
-            self._load(upcoming)
+            torch.cuda.current_stream(self.device).wait_event(event)
+        if self.current is not None:
+            self.next_piece[self.current] = index
+        self.current = index
+        self.trace.append(index)
+        if self.prefetch:
+            self._prefetch(index)
+
+    def _upcoming(self, index: int) -> list[int]:
+        """The pieces expected after `index`: the rest of the previous forward's reads when this
+        forward has read the same so far (a decode step reads what the one before it read: a piece
+        read twice in a step, like THL's reader, is no ambiguity), then the piece that followed
+        each last time."""
+        depth = len(self.plan.slot_sizes) - 1
+        position = len(self.trace) - 1
+        ahead = []
+        if position < len(self.last_trace) and self.last_trace[position] == index:
+            ahead = self.last_trace[position + 1:position + 1 + 4 * depth]
+        last = ahead[-1] if ahead else index
+        while len(set(ahead) - {index}) < depth:
+            last = self.next_piece.get(last)
+            if last is None or last == index or last in ahead:
+                break
+            ahead.append(last)
+        return ahead
+
+    def _prefetch(self, index: int) -> None:
+        """Copy the pieces expected next into the other slots while `index` computes."""
+        depth = len(self.plan.slot_sizes) - 1
+        keep = {index}
+        for upcoming in self._upcoming(index) if depth > 0 else []:
+            if len(keep) > depth:
+                return
+            if upcoming in keep:
+                continue
+            keep.add(upcoming)
+            if upcoming in self.slot_of:
+                continue
+            slot = self._acquire(self.plan.pieces[upcoming].nbytes, keep)
+            if slot is None:
+                return
+            self._load(upcoming, slot)
 
     # -- running ----------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, state: Any = None) -> Any:
         """The model's forward (inputs moved to the device)."""
+        if self.trace:
+            self.last_trace, self.trace = self.trace, []
         with torch.no_grad():
             return self.model(input_ids.to(self.device), state=state)
 
@@ -368,7 +638,8 @@ class LayeredEngine:
     def stats(self) -> dict[str, Any]:
         return {"units": len(self.units), "unit_bytes_max": max(self.unit_bytes, default=0),
                 "weight_bytes": sum(self.unit_bytes) + self.resident_bytes, "resident_bytes": self.resident_bytes,
-                "bytes_copied": self.bytes_copied, "loaded_units": len(self.loaded)}
+                "bytes_copied": self.bytes_copied, "pieces": len(self.plan.pieces), "slots": len(self.plan.slot_sizes),
+                "slot_bytes": self.plan.slot_bytes, "loaded_pieces": len(self.slot_of)}
 
 
 
