@@ -93,14 +93,18 @@ def split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def flex_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> torch.Tensor:
-    """As `math_decode_attention`, through FlexAttention (fused only under torch.compile)."""
-    allowed = _allowed(mask, q.shape[0], k.shape[2], q.device)
+    """As `math_decode_attention`, through FlexAttention (fused only under torch.compile). The G
+    query heads of a key head go in as G query rows of that head (the mask is the same for all):
+    inductor's split-KV decoding kernel takes grouped heads only when G is a power of two (7 for
+    Qwen2.5-0.5B), query rows of one head always."""
+    b, h, _, d = q.shape
+    allowed = _allowed(mask, b, k.shape[2], q.device)
 
-    def masked(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+    def masked(score: torch.Tensor, batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor,
                kv_idx: torch.Tensor) -> torch.Tensor:
-        return torch.where(allowed[b, kv_idx], score, float("-inf"))
+        return torch.where(allowed[batch, kv_idx], score, float("-inf"))
 
-    return flex_attention(q, k, v, score_mod=masked, enable_gqa=q.shape[1] != k.shape[1])
+    return flex_attention(_rows(q, k.shape[1]), k, v, score_mod=masked).reshape(b, h, 1, d)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
