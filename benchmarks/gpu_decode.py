@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit", help="the commit measured, where the tree has no .git")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=250.0, help="start no part after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="start no part after this many seconds")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variants")
     parser.add_argument("--rows", help=f"preset:BATCHxCONTEXT,... in order of importance (default {DEFAULT_ROWS})")
     parser.add_argument("--kernels", default="sdpa,split,flex,math",
