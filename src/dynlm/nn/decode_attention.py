@@ -43,48 +43,49 @@ def _allowed(mask: torch.Tensor | None, batch: int, keys: int, device: torch.dev
     return mask.reshape(-1, keys).expand(batch, keys)
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled scores in float32 [B, Hkv, G, Tk] of q [B, H, 1, D] over k [B, Hkv, Tk, D]: one
+    matmul in the input dtype over all keys (parallel over them)."""
+    return (_rows(q, k.shape[1]) @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+
+
 def math_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> torch.Tensor:
     """q [B, H, 1, D], k and v [B, Hkv, Tk, D], mask as the reference's; returns [B, H, 1, D]."""
     b, h, _, d = q.shape
     allowed = _allowed(mask, b, k.shape[2], q.device)[:, None, None, :]  # [B, 1, 1, Tk]
-    scores = (_rows(q, k.shape[1]) @ k.transpose(-1, -2)).float() / math.sqrt(d)  # [B, Hkv, G, Tk]
-    p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    p = _scores(q, k).masked_fill(~allowed, float("-inf")).softmax(-1)  # [B, Hkv, G, Tk]
     return (p.to(v.dtype) @ v).reshape(b, h, 1, d)
 
 
-def _partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [B, Hkv, G, D], k and v [B, Hkv, S, C, D] (S chunks of C keys), allowed [B, 1, S, 1, C].
-    Per chunk and row: max m, sum l [B, Hkv, S, G, 1] and unnormalised output o [B, Hkv, S, G, D]."""
-    scores = (q.unsqueeze(2) @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # [B, Hkv, S, G, C]
-    # a finite fill: a chunk with no allowed key gets m = the fill and weight e^(fill - m) = 0 in
-    # the merge, with no inf - inf on the way
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+def _partials(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores [B, Hkv, G, S, C] (S chunks of C keys, masked), v [B, Hkv, S, C, D]. Per chunk and
+    row: max m, sum l [B, Hkv, S, G, 1] and unnormalised output o [B, Hkv, S, G, D]."""
     m = scores.amax(-1, keepdim=True)
-    p = torch.exp(scores - m)
-    return m, p.sum(-1, keepdim=True), (p.to(v.dtype) @ v).float()
+    p = torch.exp(scores - m).transpose(2, 3)  # [B, Hkv, S, G, C]
+    return m.transpose(2, 3), p.sum(-1, keepdim=True), (p.to(v.dtype) @ v).float()
 
 
 def split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            chunk: int | None = None) -> torch.Tensor:
-    """As `math_decode_attention`, the keys in chunks of `chunk` (default SPLIT_CHUNK) merged by
-    log-sum-exp; keys past the last whole chunk form one shorter chunk."""
+    """As `math_decode_attention`, the softmax and the product with v in chunks of `chunk` keys
+    (default SPLIT_CHUNK), merged by log-sum-exp; keys past the last whole chunk form one shorter
+    chunk."""
     b, h, _, d = q.shape
-    kv_heads, keys = k.shape[1], k.shape[2]
+    keys = k.shape[2]
     chunk = chunk or SPLIT_CHUNK
     splits = keys // chunk
     if splits <= 1:
         return math_decode_attention(q, k, v, mask)
-    rows = _rows(q, kv_heads)
-    allowed = _allowed(mask, b, keys, q.device)
+    allowed = _allowed(mask, b, keys, q.device)[:, None, None, :]  # [B, 1, 1, Tk]
+    # a finite fill: a chunk with no allowed key gets m = the fill and weight e^(fill - m) = 0 in
+    # the merge, with no inf - inf on the way
+    scores = _scores(q, k).masked_fill(~allowed, torch.finfo(torch.float32).min)  # [B, Hkv, G, Tk]
     whole = splits * chunk
     chunked = (splits, chunk)
-    parts = [_partials(rows, k[:, :, :whole].unflatten(2, chunked), v[:, :, :whole].unflatten(2, chunked),
-                       allowed[:, :whole].reshape(b, 1, splits, 1, chunk))]
+    parts = [_partials(scores[..., :whole].unflatten(-1, chunked), v[:, :, :whole].unflatten(2, chunked))]
     if whole < keys:
-        parts.append(_partials(rows, k[:, :, None, whole:], v[:, :, None, whole:],
-                               allowed[:, None, None, None, whole:]))
+        parts.append(_partials(scores[..., None, whole:], v[:, :, None, whole:]))
     peak, total, partial = (torch.cat(p, dim=2) for p in zip(*parts))  # m, l, o: [B, Hkv, S, G, 1 / 1 / D]
     weight = torch.exp(peak - peak.amax(2, keepdim=True))
     out = (partial * weight).sum(2) / (total * weight).sum(2)  # [B, Hkv, G, D]
