@@ -1,24 +1,31 @@
 """Decoding speed on one GPU, every variant in one process: `transformers` `generate` (dynamic
-cache, the peer, same weights), `transformers` with its static cache (which `generate` compiles
-itself) where it runs, dynlm eager (the reference path), dynlm with CUDA graphs (length-bucketed
-attention, the default), and dynlm graphs over an inductor-compiled step (and at context 4,096 the
-same with cached attention on the math kernel, which inductor fuses).
+cache, the peer, same weights), optionally `transformers` with its static cache (which `generate`
+compiles itself), dynlm eager (the reference path), dynlm with CUDA graphs (length-bucketed
+attention, the default), and dynlm graphs over an inductor-compiled step with each decode-step
+attention kernel (`GraphDecoder(decode_attention=...)`: "sdpa" the reference, "split", "flex",
+"math"; see src/dynlm/nn/decode_attention.py).
 
-Random weights in bf16, greedy, prompts of random tokens that differ in every row, batch 1 and 8,
-context 128 and 4,096. Decode tokens/s = batch x (new tokens - 1) / (time for all new tokens -
-time for the first one), so prefill is left out for every variant alike. The floor is the bytes
-one step must read (weights + the KV cache at the final length) over the datasheet bandwidth.
-Parts run in order of importance under a time budget (`--budget-s`): a part that would start
-after it is recorded as skipped, a part that fails is recorded with its error, and the results
-files are rewritten after every part.
+Random weights in bf16, greedy, prompts of random tokens that differ in every row. Rows: the
+Qwen2.5-0.5B shape at batch 1 and 8, context 4,096 and 128, and the gpt2-small-like preset at
+batch 1, context 128 (`--rows`). Decode tokens/s = batch x (new tokens - 1) / (time for all new
+tokens - time for the first one), so prefill is left out for every variant alike. The floor is
+the bytes one step must read (weights + the KV cache at the final length) over the datasheet
+bandwidth. Parts run in order of importance under a time budget (`--budget-s`): first the cheap
+parts of every row (eager, graphs, the peer), then each kernel's attention alone at each row's
+shape (a small compile each), then the compiled step (~30 s of compilation for 24 layers): row by
+row the reference kernel and the one fastest alone, then the other kernels. A part that would
+start after the budget is recorded as skipped, a part that fails is recorded with its error, and
+the results files are rewritten after every part.
 
     python benchmarks/gpu_decode.py --out $OUT          # on the GPU: at most ~5 minutes
+    python benchmarks/gpu_decode.py --out $OUT --rows gpt2-small-like:1x128,qwen2.5-0.5b:1x128 --no-attention-alone
     python benchmarks/gpu_decode.py --smoke             # tiny shapes on any device: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -27,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend
 
 import dynlm
-import dynlm.nn.attention as attention
-from dynlm.infer.graphs import GraphDecoder
+import dynlm.nn.decode_attention as decode_kernels
+from dynlm.infer.graphs import CAPACITY_MULTIPLE, GraphDecoder, attend_bucket
+from dynlm.nn.attention import CACHED_ATTENTION_BACKENDS, attention_mask, grouped_query_attention
+from dynlm.nn.cache import EMPTY_SLOT
 
 sys.path.insert(0, str(Path(__file__).parent))
 import provenance  # noqa: E402
@@ -52,10 +60,12 @@ def distinct_prompts(batch: int, length: int, vocab: int, device: str) -> torch.
 
 
 def ours(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, graphs: bool,
-         compile: str | None = None, compile_backend: str = "inductor") -> dict[str, Any]:
+         compile: str | None = None, compile_backend: str = "inductor", kernel: str = "sdpa") -> dict[str, Any]:
     """Greedy decoding with dynlm; times the prefill and the decode loop separately. The sampled
     token is fed back on the device: no host sync inside the loop."""
-    decoder = GraphDecoder(model, compile=compile, compile_backend=compile_backend) if graphs else None
+    decoder = None
+    if graphs:
+        decoder = GraphDecoder(model, compile=compile, compile_backend=compile_backend, decode_attention=kernel)
 
     def run() -> tuple[float, float, torch.Tensor]:
         sync()
@@ -88,16 +98,6 @@ def ours(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, graphs:
     if decoder is not None:
         result["graph_steps"], result["eager_steps"] = decoder.graph_steps, decoder.eager_steps
     return result
-
-
-def math_attention(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """`function` with cached attention forced onto the math kernel (matmuls + softmax)."""
-    default = attention.CACHED_ATTENTION_BACKENDS
-    attention.CACHED_ATTENTION_BACKENDS = [SDPBackend.MATH]
-    try:
-        return function(*args, **kwargs)
-    finally:
-        attention.CACHED_ATTENTION_BACKENDS = default
 
 
 def hf_model(config: Any, device: str) -> torch.nn.Module:
@@ -140,6 +140,56 @@ def hf(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, static: b
             "tokens": tokens}
 
 
+def attention_only(config: Any, batch: int, context: int, new_tokens: int, kernel: str, device: str,
+                   dtype: torch.dtype, compile_backend: str) -> dict[str, Any]:
+    """One layer's decode-step attention alone, compiled (and on CUDA replayed from a graph of 24
+    calls): the slots the decoder attends over at the middle of the row's decode, the mask of
+    their positions as the model builds it. Cheap to compile, so every shape gets every kernel."""
+    capacity = -(-(context + new_tokens) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    position = context + new_tokens // 2
+    slots = attend_bucket(position, capacity)
+    generator = torch.Generator().manual_seed(batch * context)
+    q = torch.randn(batch, config.num_heads, 1, config.head_dim, generator=generator).to(device, dtype)
+    k, v = (torch.randn(batch, config.num_kv_heads, slots, config.head_dim, generator=generator).to(device, dtype)
+            for _ in range(2))
+    filled = torch.arange(slots, device=device)
+    mask = attention_mask(torch.tensor([position], device=device),
+                          torch.where(filled <= position, filled, torch.full_like(filled, EMPTY_SLOT)))
+
+    def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.nn.attention.sdpa_kernel(CACHED_ATTENTION_BACKENDS):
+            return grouped_query_attention(q, k, v, mask)
+
+    function = reference if kernel == "sdpa" else functools.partial(decode_kernels.decode_attention, kernel=kernel)
+    compiled = torch.compile(function, dynamic=False, backend=compile_backend, fullgraph=True)
+    calls = 24  # a graph of this many calls (a 24-layer step) makes the launch cost that of a replay
+    with torch.no_grad():
+        started = time.perf_counter()
+        y = compiled(q, k, v, mask)
+        error = float((y.float() - reference(q, k, v, mask).float()).abs().max())
+        sync()
+        compile_s = time.perf_counter() - started
+        if device == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    compiled(q, k, v, mask)
+            run = graph.replay
+        else:
+            def run() -> None:
+                for _ in range(calls):
+                    compiled(q, k, v, mask)
+        run()
+        sync()
+        replays = 20 if device == "cuda" else 2
+        started = time.perf_counter()
+        for _ in range(replays):
+            run()
+        sync()
+    return {"us_per_call": 1e6 * (time.perf_counter() - started) / (replays * calls), "slots": slots,
+            "max_abs_error_vs_sdpa": error, "compile_s": compile_s}
+
+
 def floor_ms(model: torch.nn.Module, batch: int, length: int) -> float:
     """Bytes a decode step must read (every weight once, the KV cache at `length`) / bandwidth."""
     c = model.config
@@ -150,15 +200,38 @@ def floor_ms(model: torch.nn.Module, batch: int, length: int) -> float:
     return 1000 * (weights + kv) / BANDWIDTH
 
 
+def parse_rows(text: str) -> list[tuple[str, int, int]]:
+    """"preset:BxT,preset:BxT" -> [(preset, batch, context)]."""
+    rows = []
+    for item in text.split(","):
+        preset, shape = item.strip().split(":")
+        batch, context = shape.split("x")
+        rows.append((preset, int(batch), int(context)))
+    return rows
+
+
+DEFAULT_ROWS = "qwen2.5-0.5b:1x4096,qwen2.5-0.5b:8x4096,gpt2-small-like:1x128,qwen2.5-0.5b:1x128,qwen2.5-0.5b:8x128"
+SMOKE_ROWS = "standard-tiny:1x16,standard-tiny:4x40,mod-tiny:1x16"
+KERNEL_PARTS = {"sdpa": "dynlm_graphs_compile", "split": "dynlm_graphs_compile_split",
+                "flex": "dynlm_graphs_compile_flex", "math": "dynlm_graphs_compile_math"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit", help="the commit measured, where the tree has no .git")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=210.0, help="start no part after this many seconds")
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variant")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="start no part after this many seconds")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variants")
+    parser.add_argument("--rows", help=f"preset:BATCHxCONTEXT,... in order of importance (default {DEFAULT_ROWS})")
+    parser.add_argument("--kernels", default="sdpa,split,flex,math",
+                        help="decode attention kernels of the compiled step, in order of importance")
+    parser.add_argument("--split-chunk", type=int, default=decode_kernels.SPLIT_CHUNK,
+                        help="keys per chunk of the split kernel")
     parser.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes, any device")
-    parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' static cache")
+    parser.add_argument("--no-attention-alone", dest="attention_alone", action="store_false",
+                        help="skip the attention-alone table")
+    parser.add_argument("--hf-static", action="store_true", help="also transformers' static cache (after the rest)")
     args = parser.parse_args()
     started = time.perf_counter()
     commit = provenance.commit(args.commit)
@@ -167,17 +240,24 @@ def main() -> None:
     # on a CPU the compiled variant only traces (dynamo, no inductor code): the smoke run checks
     # the path, not the speed
     compile_backend = "inductor" if device == "cuda" else "eager"
+    kernels = [k.strip() for k in args.kernels.split(",")]
+    unknown = [k for k in kernels if k not in KERNEL_PARTS]
+    if unknown:
+        parser.error(f"--kernels {','.join(unknown)}: not one of {', '.join(KERNEL_PARTS)}")
+    overrides, new_tokens = {}, args.new_tokens
+    if args.smoke:  # small chunks, so the split kernel splits the 256 slots of the tiny caches
+        overrides, new_tokens, args.split_chunk = dict(vocab_size=512), 8, 64
+    decode_kernels.SPLIT_CHUNK = args.split_chunk
+    plan = parse_rows(args.rows or (SMOKE_ROWS if args.smoke else DEFAULT_ROWS))
+    # one compilation per (kernel, shape) of the attention alone: more than dynamo's default limit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
     torch.manual_seed(0)
-    if args.smoke:
-        preset, overrides, shapes, new_tokens = "standard-tiny", dict(vocab_size=512), [(1, 16), (4, 40)], 8
-        long_context = 40
-    else:
-        preset, overrides, new_tokens = "qwen2.5-0.5b", {}, args.new_tokens
-        shapes, long_context = [(1, 128), (8, 128), (1, 4096), (8, 4096)], 4096
     rows: list[dict[str, Any]] = []
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "commit": commit, "dtype": str(dtype), "model": preset,
+              "torch": torch.__version__, "commit": commit, "dtype": str(dtype),
               "compile_mode": args.compile_mode, "compile_backend": compile_backend, "budget_s": args.budget_s,
+              "split_chunk": args.split_chunk, "kernels": kernels,
               "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     print(f"commit {commit}, device {result['device']}", flush=True)
     try:
@@ -186,16 +266,23 @@ def main() -> None:
         result["transformers"] = transformers.__version__
     except ImportError:
         transformers = None
-    with torch.device(device):
-        model = dynlm.build_model(preset, **overrides)
-    model = model.to(dtype).eval()
-    reference = hf_model(model.config, device) if transformers is not None else None
-    if reference is not None:  # the same weights: the peer reads dynlm's tensors (same names)
-        ours_state = model.state_dict()
-        theirs = reference.state_dict()
-        shared = {k: v for k, v in ours_state.items() if k in theirs and theirs[k].shape == v.shape}
-        reference.load_state_dict(shared, strict=False)
-        result["peer_tensors_shared"] = f"{len(shared)} of {len(theirs)}"
+    models: dict[str, tuple[torch.nn.Module, torch.nn.Module | None]] = {}
+
+    def load(preset: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """The preset with random weights and its peer on the same tensors, built once."""
+        if preset not in models:
+            with torch.device(device):
+                model = dynlm.build_model(preset, **overrides)
+            model = model.to(dtype).eval()
+            peer = None
+            if transformers is not None and model.config.type == "standard":
+                peer = hf_model(model.config, device)  # the same weights: the peer reads dynlm's tensors
+                theirs = peer.state_dict()
+                shared = {k: v for k, v in model.state_dict().items() if k in theirs and theirs[k].shape == v.shape}
+                peer.load_state_dict(shared, strict=False)
+                result.setdefault("peer_tensors_shared", {})[preset] = f"{len(shared)} of {len(theirs)}"
+            models[preset] = model, peer
+        return models[preset]
 
     def part(row: dict[str, Any], name: str, function: Any, *fargs: Any, **kwargs: Any) -> None:
         """Run one measurement into row[name]: skipped past the budget, its error on failure."""
@@ -216,35 +303,45 @@ def main() -> None:
                 row["_eager_tokens"] = tokens
             elif "_eager_tokens" in row:
                 row[name]["same_tokens_as_eager"] = float((tokens == row["_eager_tokens"]).float().mean())
-        print(f"{row['batch']}x{row['context']} {name}: {json.dumps(row[name])}", flush=True)
+        print(f"[{time.perf_counter() - started:.0f} s] {row['model']} {row['batch']}x{row['context']} {name}: "
+              f"{json.dumps(row[name])}", flush=True)
         write(args.out, result)  # after every part: a later failure or timeout keeps what was measured
 
-    prompts_of = {shape: distinct_prompts(*shape, model.config.vocab_size, device) for shape in shapes}
-    for batch, context in shapes:  # first every shape's main variants, then the extras
-        prompts = prompts_of[batch, context]
-        row: dict[str, Any] = {"batch": batch, "context": context, "new_tokens": new_tokens,
+    prompts_of = {}
+    for preset, batch, context in plan:  # first every row's cheap parts, the eager tokens among them
+        model, peer = load(preset)
+        prompts = prompts_of[preset, batch, context] = distinct_prompts(batch, context, model.config.vocab_size,
+                                                                         device)
+        row: dict[str, Any] = {"model": preset, "batch": batch, "context": context, "new_tokens": new_tokens,
                                "floor_ms_per_step": floor_ms(model, batch, context + new_tokens)}
         rows.append(row)
         part(row, "dynlm_eager", ours, model, prompts, new_tokens, graphs=False)
         part(row, "dynlm_graphs", ours, model, prompts, new_tokens, graphs=True)
-        if reference is not None:
-            part(row, "hf_generate", hf, reference, prompts, new_tokens, static=False)
-        part(row, "dynlm_graphs_compile", ours, model, prompts, new_tokens, graphs=True, compile=args.compile_mode,
-             compile_backend=compile_backend)
-    # transformers' static cache (generate compiles its forward for every batch size) at the short
-    # context, our compiled step with math attention at the long one, then the static cache there
-    hf_static = reference is not None and not args.no_hf_static and device == "cuda"
-    for row in rows if hf_static else []:
-        if row["context"] != long_context:
-            part(row, "hf_static", hf, reference, prompts_of[row["batch"], row["context"]], new_tokens, static=True)
+        if peer is not None:
+            part(row, "hf_generate", hf, peer, prompts, new_tokens, static=False)
+    for row in rows if args.attention_alone else []:  # each kernel alone at each row's shape: seconds each
+        model, _ = load(row["model"])
+        for kernel in kernels:
+            part(row, f"attention_{kernel}", attention_only, model.config, row["batch"], row["context"], new_tokens,
+                 kernel, device, dtype, compile_backend)
+    # then the compiled step (~30 s of compilation each): first, row by row, the reference kernel
+    # and the kernel fastest alone at that shape; then the other kernels
+    first_round, second_round = [], []
     for row in rows:
-        if row["context"] == long_context:
-            prompts = prompts_of[row["batch"], row["context"]]
-            part(row, "dynlm_graphs_compile_math", math_attention, ours, model, prompts, new_tokens, graphs=True,
-                 compile=args.compile_mode, compile_backend=compile_backend)
-    for row in rows if hf_static else []:
-        if row["context"] == long_context:
-            part(row, "hf_static", hf, reference, prompts_of[row["batch"], row["context"]], new_tokens, static=True)
+        alone = {k: row.get(f"attention_{k}", {}).get("us_per_call", float("inf")) for k in kernels}
+        ranked = sorted([k for k in kernels if k != "sdpa"], key=alone.get)  # stable: --kernels order on ties
+        head = (["sdpa"] if "sdpa" in kernels else []) + ranked[:1]
+        first_round += [(row, k) for k in head]
+        second_round += [(row, k) for k in kernels if k not in head]
+    for row, kernel in first_round + second_round:
+        model, _ = load(row["model"])
+        part(row, KERNEL_PARTS[kernel], ours, model, prompts_of[row["model"], row["batch"], row["context"]],
+             new_tokens, graphs=True, compile=args.compile_mode, compile_backend=compile_backend, kernel=kernel)
+    for row in rows if args.hf_static and device == "cuda" else []:
+        _, peer = load(row["model"])
+        if peer is not None:
+            part(row, "hf_static", hf, peer, prompts_of[row["model"], row["batch"], row["context"]], new_tokens,
+                 static=True)
     result["wall_s"] = time.perf_counter() - started
     write(args.out, result)
     print(to_markdown(result))
@@ -261,7 +358,9 @@ def write(out: Path | None, result: dict[str, Any]) -> None:
 
 COLUMNS = [("hf_generate", "transformers generate"), ("hf_static", "transformers static cache (compiled by generate)"),
            ("dynlm_eager", "dynlm eager"), ("dynlm_graphs", "dynlm graphs"),
-           ("dynlm_graphs_compile", "dynlm graphs + compile"),
+           ("dynlm_graphs_compile", "dynlm graphs + compile, sdpa attention"),
+           ("dynlm_graphs_compile_split", "dynlm graphs + compile, split attention"),
+           ("dynlm_graphs_compile_flex", "dynlm graphs + compile, flex attention"),
            ("dynlm_graphs_compile_math", "dynlm graphs + compile, math attention")]
 
 
@@ -275,27 +374,57 @@ def _cell(part: dict[str, Any] | None) -> str:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Decoding: {result['model']}, transformers vs dynlm eager, graphs, graphs + compile (one run)", "",
+    models = ", ".join(dict.fromkeys(r["model"] for r in result["rows"]))
+    lines = [f"# Decoding: {models}, transformers vs dynlm eager, graphs, graphs + compile with each decode "
+             "attention kernel (one run)", "",
              f"Device: **{result['device']}**, torch {result['torch']}, transformers "
              f"{result.get('transformers', '-')}, commit {result['commit']}, {result['time']}"
              + (f", {result['wall_s']:.0f} s" if "wall_s" in result else " (partial)") + ". Random weights in "
              f"{result['dtype'].removeprefix('torch.')} (the peer loads the same tensors), greedy, distinct random "
              "prompts per row; decode tokens/s excludes prefill. Compile: torch.compile mode "
-             f"{result['compile_mode']}, backend {result['compile_backend']}, captured in our CUDA graph. In "
-             "brackets: tokens equal to dynlm eager's. Floor: bytes read per step (weights + KV cache) / 4.8 TB/s "
-             "(datasheet).", "",
-             "| batch | context | " + " | ".join(f"{title} tok/s" for _, title in COLUMNS)
-             + " | best dynlm / transformers generate | best dynlm ms/step | floor ms/step |",
-             "|---|---|" + "---|" * (len(COLUMNS) + 3)]
+             f"{result['compile_mode']}, backend {result['compile_backend']}, captured in our CUDA graph; decode "
+             f"attention kernels as in src/dynlm/nn/decode_attention.py (split: {result['split_chunk']} keys per "
+             "chunk). In brackets: tokens equal to dynlm eager's. Floor: bytes read per step (weights + KV cache) "
+             "/ 4.8 TB/s (datasheet).", "",
+             "| model | batch | context | " + " | ".join(f"{title} tok/s" for _, title in COLUMNS)
+             + " | best compiled kernel / sdpa | best dynlm / transformers generate | best dynlm ms/step "
+             "| floor ms/step |",
+             "|---|---|---|" + "---|" * (len(COLUMNS) + 4)]
     for r in result["rows"]:
         ours_rates = {k: r[k]["decode_tokens_per_s"] for k, _ in COLUMNS[2:] if "decode_tokens_per_s" in r.get(k, {})}
         best = max(ours_rates.values(), default=None)
         peer = r.get("hf_generate", {}).get("decode_tokens_per_s")
         ratio = "-" if best is None or peer is None else f"{best / peer:.1f}x"
         best_ms = "-" if best is None else f"{1000 * r['batch'] / best:.2f}"
-        lines.append(f"| {r['batch']} | {r['context']:,} | " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS)
-                     + f" | {ratio} | {best_ms} | {r['floor_ms_per_step']:.3f} |")
-    errors = [f"- {r['batch']}x{r['context']} {k}: {r[k]['error']}" for r in result["rows"] for k, _ in COLUMNS
+        compiled = {k: v for k, v in ours_rates.items() if k.startswith("dynlm_graphs_compile")}
+        kernel = "-"
+        if "dynlm_graphs_compile" in compiled and len(compiled) > 1:
+            name = max(compiled, key=compiled.get)
+            kernel = (f"{(name.removeprefix('dynlm_graphs_compile').lstrip('_') or 'sdpa')} "
+                      f"{compiled[name] / compiled['dynlm_graphs_compile']:.2f}x")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']:,} | "
+                     + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS)
+                     + f" | {kernel} | {ratio} | {best_ms} | {r['floor_ms_per_step']:.3f} |")
+    lines += ["", "Attention alone (one layer's decode-step attention, compiled, replayed from a CUDA graph of 24 "
+              "calls; the slots the decoder attends over at the middle of the row's decode, positions past it masked): "
+              "microseconds per call.", "",
+              "| model | batch | context | slots | " + " | ".join(f"{k} us" for k in KERNEL_PARTS)
+              + " | best / sdpa | max abs error vs sdpa (per kernel) |",
+              "|---|---|---|---|" + "---|" * (len(KERNEL_PARTS) + 2)]
+    for r in result["rows"]:
+        times = {k: r[f"attention_{k}"] for k in KERNEL_PARTS if "us_per_call" in r.get(f"attention_{k}", {})}
+        if not times:
+            continue
+        slots = next(iter(times.values()))["slots"]
+        best = min(times, key=lambda k: times[k]["us_per_call"])
+        ratio = f"{best} {times['sdpa']['us_per_call'] / times[best]['us_per_call']:.2f}x" if "sdpa" in times else "-"
+        cells = [f"{times[k]['us_per_call']:.1f}" if k in times else _cell(r.get(f"attention_{k}"))
+                 for k in KERNEL_PARTS]
+        errors_cell = ", ".join(f"{k} {t['max_abs_error_vs_sdpa']:.1e}" for k, t in times.items())
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']:,} | {slots:,} | " + " | ".join(cells)
+                     + f" | {ratio} | {errors_cell} |")
+    errors = [f"- {r['model']} {r['batch']}x{r['context']} {k}: {r[k]['error']}" for r in result["rows"]
+              for k in [c for c, _ in COLUMNS] + [f"attention_{k}" for k in KERNEL_PARTS]
               if isinstance(r.get(k), dict) and "error" in r[k]]
     if errors:
         lines += ["", "Failures:", *errors]

@@ -29,6 +29,10 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
   compiled with inductor first and the compiled step is what the graph captures, so a replay
   runs fused kernels (RMSNorm, RoPE, residuals, the mask and softmax) instead of ~55 small ones a
   layer. Each graph shape compiles once (tens of seconds for a 24-layer model).
+- `decode_attention` (one of `DECODE_KERNELS`): the attention of a one-token step over the
+  static cache. "sdpa" is the reference (`grouped_query_attention`: B x Hkv thread blocks walk
+  the keys); "math", "split" and "flex" spread the keys over the GPU (`nn/decode_attention.py`),
+  which matters at long contexts; they are fused kernels only under `compile`.
 - The eager path (`model(ids, state=...)` with the growable cache) is the reference: greedy
   decoding gives the same tokens (`tests/test_gpu_graphs.py`).
 """
@@ -44,11 +48,13 @@ import torch._dynamo  # its config: recompile limits for the compiled step
 
 from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
+from dynlm.nn.decode_attention import DECODE_KERNELS
 
 CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengths share graphs
 MAX_SESSIONS = 4  # idle static caches (and their graphs) kept per model; the oldest is dropped first
 MIN_ATTEND = 256  # the smallest length bucket a step attends over
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # modes that leave graph capture to us
+DECODE_ATTENTION = "sdpa"  # the decode-step attention kernel by default (see the module doc)
 
 
 def supports_static_cache(model: torch.nn.Module) -> bool:
@@ -126,12 +132,16 @@ class GraphDecoder:
     preallocated buffers: no allocation per token."""
 
     def __init__(self, model: TransformerLM, prefill_chunk: int = 512, compile: str | None = None,
-                 length_buckets: bool = True, compile_backend: str = "inductor"):
+                 length_buckets: bool = True, compile_backend: str = "inductor",
+                 decode_attention: str = DECODE_ATTENTION):
         if not supports_static_cache(model):
             raise TypeError(f"{type(model).__name__} has no KV cache to make static")
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile!r} is not one of {', '.join(COMPILE_MODES)} (the modes that "
                              "leave CUDA graphs to this decoder)")
+        if decode_attention not in DECODE_KERNELS:
+            raise ValueError(f"decode attention {decode_attention!r} is not one of {', '.join(DECODE_KERNELS)}")
+        self.decode_attention = decode_attention
         self._model = weakref.ref(model)  # the per-model cache below must not keep the model alive
         self.prefill_chunk = prefill_chunk
         self.length_buckets = length_buckets
@@ -194,6 +204,8 @@ class GraphDecoder:
             device = self.model.model.embed_tokens.weight.device  # an int8 head has no .weight
             state = static_state(self.model, bucket, capacity)
             state.caller_advances_counters = self.compile is not None  # see `step`
+            for layer in state.layers:
+                layer.decode_kernel = self.decode_attention
             session = _Session(state, torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
             self.sessions.append(session)
         else:  # most recently used last

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dynlm.nn.cache import LayerKVCache
+from dynlm.nn.decode_attention import decode_attention
 from dynlm.nn.rope import apply_rotary
 
 # With a KV cache the key length changes at every step. cuDNN's attention builds a new execution
@@ -114,6 +115,9 @@ class Attention(nn.Module):
             mask = None  # one new query over a growable cache sees every cached key
             if t > 1 or self.sliding_window is not None or valid is not None or cache.fixed_shape:
                 mask = attention_mask(q_pos, k_pos, self.sliding_window, valid)
-            with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
-                y = grouped_query_attention(q, k, v, mask)
+            if t == 1 and cache.decode_kernel != "sdpa":  # a decode step, parallel over the keys
+                y = decode_attention(q, k, v, mask, cache.decode_kernel)
+            else:
+                with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
+                    y = grouped_query_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

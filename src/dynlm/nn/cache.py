@@ -37,6 +37,8 @@ class LayerKVCache:
 
     # True when shapes never change between calls (callers then avoid data-dependent branches)
     fixed_shape: ClassVar[bool] = False
+    # attention of a one-token step (`decode_attention.DECODE_KERNELS`); "sdpa" = the reference
+    decode_kernel: ClassVar[str] = "sdpa"
 
     @property
     def capacity(self) -> int:
@@ -185,6 +187,9 @@ class StaticLayerKVCache:
         # Slots a one-token step attends over: None = all; n = the first n (the caller keeps n
         # above every filled position, e.g. a length bucket), so attention skips empty slots.
         self.attend: int | None = None
+        # Attention of a one-token step: one of `decode_attention.DECODE_KERNELS` (set by the
+        # decoder that owns the cache; "sdpa" = the reference path).
+        self.decode_kernel = "sdpa"
 
     @classmethod
     def from_tensors(cls, k: torch.Tensor, v: torch.Tensor, cursor: torch.Tensor, valid: torch.Tensor | None = None,
@@ -206,6 +211,7 @@ class StaticLayerKVCache:
         cache.slot_positions = torch.where(position >= 0, position, torch.full_like(position, EMPTY_SLOT))
         cache.length = 0  # host counter unknown (a traced cursor): no host-side length check
         cache.attend = None  # every slot: the exported step has no host-side length buckets
+        cache.decode_kernel = "sdpa"
         return cache
 
     @property
