@@ -82,10 +82,9 @@ def variants(num_layers: int) -> dict[str, dict[str, Any]]:
 
 
 class Bench:
-    def __init__(self, device: torch.device, smoke: bool, compile_mode: str = "default"):
+    def __init__(self, device: torch.device, smoke: bool):
         self.device = device
         self.smoke = smoke
-        self.compile_mode = compile_mode
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.warmup, self.iters = (1, 2) if smoke else (3, 10)
 
@@ -140,13 +139,15 @@ class Bench:
             for _ in range(calls):
                 fn()
             self.sync()
-        device_events = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+        events = prof.events()
+        device_events = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+        graph_launches = sum(1 for e in events if e.name == "cudaGraphLaunch") / calls
         by_name: Counter[str] = Counter()
         for e in device_events:
             by_name[e.name[:90]] += e.time_range.elapsed_us() / 1e3 / calls
         if self.device.type != "cuda":  # the CPU run only checks that this code works
             return {"device_busy_ms": None, "kernels_per_call": None, "top_kernels_ms": {}}
-        return {"device_busy_ms": sum(by_name.values()),
+        return {"device_busy_ms": sum(by_name.values()), "cuda_graph_launches_per_call": graph_launches,
                 "kernels_per_call": sum(1 for e in device_events if not e.name.startswith(("Memcpy", "Memset")))
                 / calls,
                 "top_kernels_ms": {name: ms for name, ms in by_name.most_common(8)}}
@@ -159,10 +160,10 @@ class Bench:
         return torch.optim.AdamW(parameter_groups(model, 0.1), lr=lr, betas=(0.9, 0.95),
                                  fused=self.device.type == "cuda" or None)
 
-    def trainer_step(self, model, optimizer, compile_model: bool) -> TrainStep:
+    def trainer_step(self, model, optimizer, compile_model: bool, mode: str = "default") -> TrainStep:
         """The trainer's own step (clipping at 1.0, device-side NaN guard, fused AdamW), the model
-        compiled as the trainer compiles it."""
-        runner = torch.compile(model, mode=self.compile_mode) if compile_model else model
+        compiled as the trainer compiles it (`train.compile_mode` = mode)."""
+        runner = torch.compile(model, mode=mode) if compile_model else model
         return TrainStep(runner, model, optimizer, self.device, self.dtype, clip=1.0)
 
     def peak_memory(self) -> int | None:
@@ -229,41 +230,52 @@ def error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool, fused_loss: bool,
+def measure_step(bench: Bench, model, x: torch.Tensor, compile_model: bool, mode: str, fused_loss: bool,
+                 profile: bool) -> dict[str, Any]:
+    """The trainer's step on x, compiled in `mode`: first-step seconds (the compile), median step
+    time, peak memory, throughput; with `profile`, the GPU's busy time in one step."""
+    batch, seq = x.shape
+    flops = model.flops_per_token(seq)
+    model.fused_loss = fused_loss
+    optimizer = bench.optimizer(model, 1e-4)
+    model.train()
+    try:
+        step = bench.trainer_step(model, optimizer, compile_model, mode)
+        t0 = time.perf_counter()
+        step([x])  # compiles when compiled
+        bench.sync()
+        out: dict[str, Any] = {"first_step_seconds": time.perf_counter() - t0}
+        bench.reset_memory()
+        step_ms = bench.time_ms(lambda: step([x]))
+        out.update(train_step_ms=step_ms, train_peak_memory_bytes=bench.peak_memory(),
+                   train_tokens_per_s=batch * seq / step_ms * 1e3,
+                   model_tflops_per_s=flops * batch * seq / step_ms / 1e9,
+                   mfu_vs_h100_datasheet=flops * batch * seq / (step_ms / 1e3) / H100_BF16_PEAK)
+        if profile:
+            busy = bench.device_busy(lambda: step([x]))
+            share = None if busy["device_busy_ms"] is None else busy["device_busy_ms"] / step_ms
+            out["step_profile"] = busy | {"device_busy_share": share}
+        return out
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.fused_loss = False
+        torch._dynamo.reset()
+
+
+def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool, mode: str, fused_loss: bool,
                   parts: list[str]) -> dict[str, Any]:
     """One variant's speed figures for the speed-section parts asked for; a part that fails is
     recorded under "errors" and the others still run."""
     batch, seq = x.shape
-    flops = model.flops_per_token(seq)
     fractions = model.processed_fractions(seq) if hasattr(model, "processed_fractions") else None
-    result: dict[str, Any] = {"parameters": model.num_parameters(), "flops_per_token": flops,
+    result: dict[str, Any] = {"parameters": model.num_parameters(), "flops_per_token": model.flops_per_token(seq),
                               "processed_fractions": fractions or [1.0] * model.config.num_layers}
     errors: dict[str, str] = {}
     if "speed" in parts or "profile" in parts:
         try:
-            model.fused_loss = fused_loss
-            optimizer = bench.optimizer(model, 1e-4)
-            model.train()
-            step = bench.trainer_step(model, optimizer, compile_model)
-            t0 = time.perf_counter()
-            step([x])  # compiles when compiled
-            bench.sync()
-            result["first_step_seconds"] = time.perf_counter() - t0
-            bench.reset_memory()
-            step_ms = bench.time_ms(lambda: step([x]))
-            result.update(train_step_ms=step_ms, train_peak_memory_bytes=bench.peak_memory(),
-                          train_tokens_per_s=batch * seq / step_ms * 1e3,
-                          model_tflops_per_s=flops * batch * seq / step_ms / 1e9,
-                          mfu_vs_h100_datasheet=flops * batch * seq / (step_ms / 1e3) / H100_BF16_PEAK)
-            if "profile" in parts:
-                busy = bench.device_busy(lambda: step([x]))
-                share = None if busy["device_busy_ms"] is None else busy["device_busy_ms"] / step_ms
-                result["step_profile"] = busy | {"device_busy_share": share}
+            result.update(measure_step(bench, model, x, compile_model, mode, fused_loss, "profile" in parts))
         except Exception as error:  # noqa: BLE001 - recorded, the other parts still run
             errors["speed"] = error_text(error)
-        step = optimizer = None
-        model.zero_grad(set_to_none=True)
-        model.fused_loss = False
     if "forward" in parts:
         try:
             with torch.no_grad(), bench.autocast():  # eager: switching a compiled model's mode would recompile it
@@ -284,7 +296,7 @@ def measure_speed(bench: Bench, model, x: torch.Tensor, compile_model: bool, fus
 
 
 def speed_section(bench: Bench, body: dict[str, Any], names: list[str], batch: int, seq: int,
-                  compile_model: bool, fused_loss: bool, parts: list[str], time_limit: float,
+                  compile_model: bool, mode: str, fused_loss: bool, parts: list[str], time_limit: float,
                   save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Every variant's speed figures; a variant starts only if the longest variant so far would
     still end within `time_limit` seconds of the section's start."""
@@ -294,14 +306,14 @@ def speed_section(bench: Bench, body: dict[str, Any], names: list[str], batch: i
     start, longest = time.perf_counter(), 0.0
     for name in names:
         if time.perf_counter() - start + longest > time_limit:
-            skipped[name] = (f"skipped: would end past --speed-time-limit {time_limit:.0f} s "
+            skipped[name] = (f"skipped: would end past its time limit ({time_limit:.0f} s) "
                              f"(the longest variant so far took {longest:.0f} s)")
             continue
         print(f"  speed {name} ...", flush=True)
         t0 = time.perf_counter()
         try:
             model = bench.build(body, variants(body["num_layers"])[name])
-            results[name] = measure_speed(bench, model, x, compile_model, fused_loss, parts)
+            results[name] = measure_speed(bench, model, x, compile_model, mode, fused_loss, parts)
             results[name]["seconds"] = time.perf_counter() - t0
         except Exception as error:  # noqa: BLE001 - one variant's failure is recorded, the run goes on
             skipped[name] = error_text(error)
@@ -322,6 +334,7 @@ def with_ratios(results: dict[str, Any], skipped: dict[str, str]) -> dict[str, A
                            ("forward_topk_ratio", "forward_topk_ms")):
             if value in r and value in dense:
                 r[key] = r[value] / dense[value]
+
     return {**results, **({"skipped": skipped} if skipped else {})}
 
 
@@ -484,6 +497,23 @@ def markdown(report: dict[str, Any]) -> str:
                              + "; ".join(f"`{k}` {v:.2f}" for k, v in top.items()))
     for name, why in report.get("speed", {}).get("skipped", {}).items():
         lines.append(f"- speed {name}: {why}")
+    graphs = {k: v for k, v in report.get("speed_cuda_graphs", {}).items() if k != "skipped"}
+    if graphs:
+        lines += ["", "## Speed with CUDA graphs (the same step, compile mode `reduce-overhead`; run after "
+                  "the training part)", "",
+                  "| model | train step ms | step time ratio | first step s | GPU busy ms | kernels | "
+                  "CUDA graph launches |", "|---|---|---|---|---|---|---|"]
+        for name, r in graphs.items():
+            profile = r.get("step_profile", {})
+            cells = [number(r.get("train_step_ms"), ".1f"), number(r.get("step_time_ratio"), ".3f"),
+                     number(r.get("first_step_seconds"), ".0f"), number(profile.get("device_busy_ms"), ".1f"),
+                     number(profile.get("kernels_per_call"), ".0f"),
+                     number(profile.get("cuda_graph_launches_per_call"), ".0f")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            for part, why in r.get("errors", {}).items():
+                lines.append(f"- {name}, {part}: {why}")
+    for name, why in report.get("speed_cuda_graphs", {}).get("skipped", {}).items():
+        lines.append(f"- CUDA graphs {name}: {why}")
     train = report.get("training")
     if train:
         lines += ["", f"## Training on Shakespeare (bytes, vocab {cfg['train_vocab']}): same batch windows, "
@@ -536,7 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-compile", action="store_true", help="eager speed section")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                        help="torch.compile mode of the speed section's step (reduce-overhead: CUDA graphs)")
+                        help="torch.compile mode of the speed part's step (the trainer's train.compile_mode)")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the training part, the step again with mode reduce-overhead (CUDA graphs) "
+                             "for as many variants as fit in --total-time-limit (standard and mod-all first)")
+    parser.add_argument("--total-time-limit", type=float, default=300.0,
+                        help="seconds from the start; bounds the CUDA-graph pass only")
     parser.add_argument("--compile-training", action="store_true", help="compile the training arms too")
     parser.add_argument("--fused-loss", action="store_true", help="the chunked LM head + loss in the speed section")
     parser.add_argument("--equal-steps", action="store_true", help="also train every arm for the dense steps")
@@ -559,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: use --smoke for a CPU check")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    bench = Bench(device, args.smoke, args.compile_mode)
+    bench = Bench(device, args.smoke)
     parts = args.parts.split(",")
     if unknown := [p for p in parts if p not in PARTS]:
         parser.error(f"unknown part {unknown[0]!r}; valid: {', '.join(PARTS)}")
@@ -604,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if {"speed", "profile", "forward", "pieces"} & set(parts):
         print("speed ...", flush=True)
-        report["speed"] = speed_section(bench, body, names, batch, seq, compile_model, args.fused_loss, parts,
+        report["speed"] = speed_section(bench, body, names, batch, seq, compile_model, args.compile_mode,
+                                        args.fused_loss, parts,
                                         args.speed_time_limit, save_speed)
         save()
 
@@ -659,6 +695,20 @@ def main(argv: list[str] | None = None) -> int:
                 model = None
                 torch._dynamo.reset()
                 save()
+
+    if args.graphs and (compile_model or args.smoke) and "speed" in parts and args.compile_mode != "reduce-overhead":
+        # last: a failed capture can leave the CUDA context unusable for what follows (the smoke run
+        # stays eager: it only checks this code path)
+        order = sorted(names, key=lambda n: (n not in ("standard", "mod-all"), names.index(n)))
+        print("speed, CUDA graphs ...", flush=True)
+
+        def save_graphs(partial: dict[str, Any]) -> None:
+            report["speed_cuda_graphs"] = partial
+            save()
+
+        report["speed_cuda_graphs"] = speed_section(
+            bench, body, order, batch, seq, compile_model, "reduce-overhead", args.fused_loss, ["speed", "profile"],
+            args.total_time_limit - (time.perf_counter() - start), save_graphs)
 
     save()
     print(markdown(report))
