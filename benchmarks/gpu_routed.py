@@ -192,17 +192,17 @@ def layer_units(model, h: torch.Tensor, labels: torch.Tensor) -> dict[str, Calla
 
         def routed_layer() -> list[torch.Tensor]:
             y, stats = model.layer_forward(routed, h, cos, sin, None)
-            return [y, stats["router_bce"]]
+            return [y, model.routing_extras({routed: stats}, 1.0)["aux_loss"]]
 
-        units["routed layer (router + top-k + block on k + scatter)"] = routed_layer
+        units["routed layer (router + top-k + block on k + scatter + statistics)"] = routed_layer
     elif arch == "dtf":
         units["dense layer"] = lambda: [model.model.layers[0](h, cos, sin)]
 
         def pair() -> list[torch.Tensor]:
             y, prior_loss, stats, _ = model.pair_forward(0, h, cos, sin, None)
-            return [y, prior_loss, stats["router_bce"]]
+            return [y, prior_loss, model.routing_extras({1: stats}, 1.0)["aux_loss"]]
 
-        units["decision + dynamic pair (dense + prior + gate + routed)"] = pair
+        units["decision + dynamic pair (dense + prior + gate + routed + statistics)"] = pair
     units["final norm + LM head + loss"] = lambda: [causal_lm_loss(model.lm_head(model.model.norm(h)), labels)]
     return units
 
