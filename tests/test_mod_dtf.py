@@ -413,6 +413,31 @@ def test_metrics_are_logged() -> None:
     assert 0.0 <= float(out.metrics["route/causal_acc"]) <= 1.0 and out.aux_loss.item() > 0
 
 
+def test_routing_statistics_follow_their_per_layer_definitions() -> None:
+    """The statistics of all routed layers are computed in one batch: each equals the mean over
+    routed layers of its per-layer definition, from the router logits each layer saw (MoD
+    aux_bce: the causal logits are the router logits) and the mask it processed."""
+    model = make("mod-aux_bce", routed_layers=[1, 2, 3]).train()
+    logits = {}
+    for i in model.routed_layers:
+        model.model.layers[i].router.register_forward_hook(
+            lambda module, args, out, i=i: logits.__setitem__(i, out.detach().squeeze(-1).float()))
+    out = model(tokens(b=3, t=16))
+    masks = model.last_routing_masks
+    layers = model.routed_layers
+    bce = [torch.nn.functional.binary_cross_entropy_with_logits(logits[i], masks[i].float()) for i in layers]
+    p = [torch.sigmoid(logits[i]).clamp(1e-6, 1 - 1e-6) for i in layers]
+    entropy = [-(q * q.log2() + (1 - q) * (1 - q).log2()).mean() for q in p]
+    expected = {"route/router_bce": torch.stack(bce).mean(),
+                "route/causal_acc": torch.stack([((logits[i] > 0) == masks[i]).float().mean() for i in layers]).mean(),
+                "route/causal_frac": torch.stack([(logits[i] > 0).float().mean() for i in layers]).mean(),
+                "route/entropy": torch.stack(entropy).mean(),
+                **{f"route/frac_L{i}": masks[i].float().mean() for i in layers}}
+    for key, value in expected.items():
+        torch.testing.assert_close(out.metrics[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    torch.testing.assert_close(out.aux_loss, model.config.mod_aux_loss_weight * expected["route/router_bce"])
+
+
 class HostSync(Exception):
     pass
 
