@@ -499,8 +499,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- speed {name}: {why}")
     graphs = {k: v for k, v in report.get("speed_cuda_graphs", {}).items() if k != "skipped"}
     if graphs:
-        lines += ["", "## Speed with CUDA graphs (the same step, compile mode `reduce-overhead`; run after "
-                  "the training part)", "",
+        how = "compile mode `reduce-overhead`" if cfg["compile"] else "eager: a check of the code path only"
+        lines += ["", f"## Speed with CUDA graphs (the same step, {how}; run after the training part)", "",
                   "| model | train step ms | step time ratio | first step s | GPU busy ms | kernels | "
                   "CUDA graph launches |", "|---|---|---|---|---|---|---|"]
         for name, r in graphs.items():
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="after the training part, the step again with mode reduce-overhead (CUDA graphs) "
                              "for as many variants as fit in --total-time-limit (standard and mod-all first)")
-    parser.add_argument("--total-time-limit", type=float, default=300.0,
+    parser.add_argument("--total-time-limit", type=float, default=320.0,
                         help="seconds from the start; bounds the CUDA-graph pass only")
     parser.add_argument("--compile-training", action="store_true", help="compile the training arms too")
     parser.add_argument("--fused-loss", action="store_true", help="the chunked LM head + loss in the speed section")
@@ -707,12 +707,12 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
         left = args.total_time_limit - (time.perf_counter() - start)
-        longest = max((r.get("seconds", 0.0) for r in report.get("speed", {}).values() if isinstance(r, dict)),
-                      default=0.0)
-        if left < 2 * longest:  # a pass without the dense model and one routed model compares nothing
+        # about the dense model's first pass, whose compiled kernels the second compile reuses
+        estimate = report.get("speed", {}).get("standard", {}).get("seconds", 0.0)
+        if left < 2 * estimate:  # a pass without the dense model and one routed model compares nothing
             report["speed_cuda_graphs"] = {"skipped": {"all": f"{left:.0f} s left of --total-time-limit, the "
                                                               f"dense and one routed model need about "
-                                                              f"{2 * longest:.0f} s"}}
+                                                              f"{2 * estimate:.0f} s"}}
         else:
             report["speed_cuda_graphs"] = speed_section(
                 bench, body, order, batch, seq, compile_model, "reduce-overhead", args.fused_loss,
