@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import dynlm
 from dynlm.config import model_config
@@ -130,8 +131,6 @@ class Bench:
     def device_busy(self, fn: Callable[[], Any], calls: int = 2) -> dict[str, Any]:
         """Profile `calls` calls of fn: per call, the time the device spent in kernels and copies,
         the number of kernels, and the kernels that took longest (their names cut short)."""
-        from torch.profiler import ProfilerActivity, profile
-
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         fn()
         self.sync()
@@ -512,6 +511,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
             for part, why in r.get("errors", {}).items():
                 lines.append(f"- {name}, {part}: {why}")
+        lines += ["", "Kernels replayed inside a CUDA graph are counted only where the profiler sees them; "
+                  "where it does not, the GPU busy time here is a lower bound."]
     for name, why in report.get("speed_cuda_graphs", {}).get("skipped", {}).items():
         lines.append(f"- CUDA graphs {name}: {why}")
     train = report.get("training")
