@@ -249,6 +249,42 @@ def test_gather_training_path_equals_masked_cache_path(variant: str) -> None:
     torch.testing.assert_close(masked, gathered, atol=1e-5, rtol=1e-5)
 
 
+def naive_run_selected(block, x, idx, weight, cos, sin):
+    """The routed block by the definition, one row at a time with plain indexing: the row's
+    selected tokens alone through the block (RoPE at their positions), the scaled update added
+    at those positions. The reference of `gather_routed_update`'s flattened index_select/index_add."""
+    rows = []
+    for row in range(x.shape[0]):
+        pos = idx[row]
+        update = block(x[row : row + 1, pos], cos[pos], sin[pos])[0]  # [k, C]
+        added = torch.zeros_like(x[row])
+        added[pos] = (weight[row, pos, None] * update).to(x.dtype)
+        rows.append(x[row] + added)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "mod-all"])
+def test_training_path_equals_the_naive_per_row_reference(variant: str) -> None:
+    """Top-k training forward and backward of the whole model: logits, loss and every gradient
+    equal (fp32) those of the same model whose routed blocks run row by row."""
+    config = {"routed_layers": [1, 2, 3]} if variant == "mod-all" else {}
+    model = make("mod-aux_bce" if variant == "mod-all" else variant, **config).train()
+    reference = type(model)(model.config).train()
+    reference.load_state_dict(model.state_dict())
+    reference.run_selected = naive_run_selected
+    x = tokens(b=3, t=16)
+    results = []
+    for m in (model, reference):
+        out = m(x, labels=x)
+        (out.loss + out.aux_loss).backward()
+        results.append((out.logits, {name: p.grad for name, p in m.named_parameters() if p.grad is not None}))
+    (logits, grads), (ref_logits, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["mod-aux_bce", "dtf-seed"])
 def test_training_with_unequal_masks_has_finite_gradients(variant: str) -> None:
     """Training through the masked path: fixed masks whose rows select different numbers of
@@ -375,6 +411,31 @@ def test_metrics_are_logged() -> None:
     assert 0.0 <= float(out.metrics["dtf/G"]) <= 1.0
     out = make("mod-predictor").train()(tokens())
     assert 0.0 <= float(out.metrics["route/causal_acc"]) <= 1.0 and out.aux_loss.item() > 0
+
+
+def test_routing_statistics_follow_their_per_layer_definitions() -> None:
+    """The statistics of all routed layers are computed in one batch: each equals the mean over
+    routed layers of its per-layer definition, from the router logits each layer saw (MoD
+    aux_bce: the causal logits are the router logits) and the mask it processed."""
+    model = make("mod-aux_bce", routed_layers=[1, 2, 3]).train()
+    logits = {}
+    for i in model.routed_layers:
+        model.model.layers[i].router.register_forward_hook(
+            lambda module, args, out, i=i: logits.__setitem__(i, out.detach().squeeze(-1).float()))
+    out = model(tokens(b=3, t=16))
+    masks = model.last_routing_masks
+    layers = model.routed_layers
+    bce = [torch.nn.functional.binary_cross_entropy_with_logits(logits[i], masks[i].float()) for i in layers]
+    p = [torch.sigmoid(logits[i]).clamp(1e-6, 1 - 1e-6) for i in layers]
+    entropy = [-(q * q.log2() + (1 - q) * (1 - q).log2()).mean() for q in p]
+    expected = {"route/router_bce": torch.stack(bce).mean(),
+                "route/causal_acc": torch.stack([((logits[i] > 0) == masks[i]).float().mean() for i in layers]).mean(),
+                "route/causal_frac": torch.stack([(logits[i] > 0).float().mean() for i in layers]).mean(),
+                "route/entropy": torch.stack(entropy).mean(),
+                **{f"route/frac_L{i}": masks[i].float().mean() for i in layers}}
+    for key, value in expected.items():
+        torch.testing.assert_close(out.metrics[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    torch.testing.assert_close(out.aux_loss, model.config.mod_aux_loss_weight * expected["route/router_bce"])
 
 
 class HostSync(Exception):
