@@ -354,9 +354,12 @@ class THLModel(DynModel):
         last_read, last_write, position = state.last_read, state.last_write, state.position
         outputs, usages, gates, novels = [], [], [], []
         step = self._step_for_this_forward()
-        for i in range(t):
+        # unbind, not query_e[:, i]: backward then stacks each input's T gradients once, where indexing
+        # would zero-fill and add a whole [B, T, ...] gradient for every token (3 kernels per input per token)
+        per_token = zip(query_e.unbind(1), gates0.unbind(1), local.unbind(1))
+        for i, (query_e_i, gates0_i, local_i) in enumerate(per_token):
             tiers, memory, read_ema, write_ema, last_read, last_write, usage, gate, novel = step(
-                query_e[:, i], gates0[:, i], local[:, i], None if noise is None else noise[i], tiers, memory,
+                query_e_i, gates0_i, local_i, None if noise is None else noise[i], tiers, memory,
                 read_ema, write_ema, last_read, last_write, position)
             position = position + 1
             outputs.append(tiers)
