@@ -856,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
     parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
     parser.add_argument("--bpb-batch", type=int, default=None, help="sequences per step in bpb (both models)")
+    parser.add_argument("--bpb-steps", type=int, default=None,
+                        help="training steps in bpb (both models); default: about --bpb-seconds of THL at the "
+                             "speed part's measured speed, 30 when it did not run")
     parser.add_argument("--recall-batch", type=int, default=None, help="sequences per step in recall (both models)")
     parser.add_argument("--speed-batches", default=None,
                         help="comma-separated batch sizes of the speed part (default 16,64,256)")
@@ -887,6 +890,10 @@ def main(argv: list[str] | None = None) -> int:
             if value < 1:
                 parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
             cfg[key] = value
+    if args.bpb_steps is not None:
+        if args.bpb_steps < 1:
+            parser.error(f"--bpb-steps must be >= 1, got {args.bpb_steps}")
+        cfg["bpb_min_steps"] = cfg["bpb_steps"] = args.bpb_steps
     if args.speed_seconds is not None:
         cfg["speed_seconds"] = args.speed_seconds
     if args.speed_batches is not None:
