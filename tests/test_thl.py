@@ -200,6 +200,30 @@ def test_whole_sequence_gradients_equal_token_by_token_backprop():
         torch.testing.assert_close(g, grads[1][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+def test_compiled_step_sees_one_input_signature_while_training():
+    """With compile_step, every step of a training forward (the first included, whose state comes
+    from zeros or a detached carry) gets tiers and memory that require grad: torch.compile then
+    builds one graph for the step instead of a second one for the first token (the step function is
+    replaced by a recorder here, so nothing is compiled)."""
+    model = tiny(compile_step=True, bptt_chunk=0).train()
+    seen = []
+
+    def recorder(*args):
+        seen.append((args[4].requires_grad, args[5].requires_grad))
+        return model.step(*args)
+
+    model._step_fn = recorder
+    x = torch.randint(0, VOCAB, (2, 5))
+    state = model.init_state(2)
+    out = model(x, labels=x, state=state)
+    model(x, state=out.state.detach()).logits.sum().backward()  # a carried, detached state
+    assert seen == [(True, True)] * 10
+    assert not state.tiers.requires_grad and not state.memory.requires_grad  # the caller's state untouched
+    with torch.no_grad():
+        model(x)
+    assert seen[10:] == [(False, False)] * 5
+
+
 def _quick_start_code() -> str:
     text = (Path(__file__).parents[1] / "docs" / "thl.md").read_text()
     block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)

@@ -351,6 +351,10 @@ class THLModel(DynModel):
             shape = (t, b, c.read_heads, c.memory_slots)
             noise = c.read_noise * gumbel_noise(shape, input_ids.device, self.noise_generator)
         tiers, memory, read_ema, write_ema = state.tiers, state.memory, state.read_ema, state.write_ema
+        if c.compile_step and torch.is_grad_enabled():
+            # every later step gets tiers and memory that require grad (they depend on the weights): the
+            # first one too, so that one compiled graph (forward and backward) serves all steps instead of two
+            tiers, memory = (x if x.requires_grad else x.detach().requires_grad_() for x in (tiers, memory))
         last_read, last_write, position = state.last_read, state.last_write, state.position
         outputs, usages, gates, novels = [], [], [], []
         step = self._step_for_this_forward()
