@@ -307,6 +307,7 @@ def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any]
 
     def keep(result: dict[str, Any]) -> None:
         rows.append(result)
+        report["speed_summary"] = speed_summary(rows, cfg["std"], cfg["thl"])  # kept if the run is cut
         write_report(report)
 
     for batch in sorted(cfg["speed_batches"]):
