@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynlm.config import ModelConfig
@@ -244,7 +243,8 @@ class NoveltyWriter(nn.Module):
         staleness = (position - last_read).float() / (position + 1).float()  # (0, 1]
         evict = (staleness + (1.0 - read_ema)).argmax(dim=-1)  # stale and under-used
         target = torch.where(novel, torch.where(empty.any(dim=-1), first_empty, evict), cos.argmax(dim=-1))
-        onehot = F.one_hot(target, j).to(memory.dtype)  # [B, J]
+        # a comparison, not F.one_hot, whose range check compiles to a reduction and a device assert per token
+        onehot = (target[:, None] == slot_ids).to(memory.dtype)  # [B, J]
         memory = c.memory_decay * memory + (c.write_rate * gate)[:, None, None] * onehot[:, :, None] * w[:, None, :]
         rho = c.read_ema_decay
         write_ema = rho * write_ema + (1 - rho) * onehot * gate[:, None].detach()
