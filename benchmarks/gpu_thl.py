@@ -6,7 +6,7 @@ speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model 
         16,64,256; sequences of 256 tokens): the standard model, then THL in each of --speed-modes (eager,
         default = the step compiled, reduce-overhead = compiled in CUDA graphs; default reduce-overhead).
         Peak memory and warm-up time (compilation, graph capture) per row; a variant out of memory is not
-        tried at larger batches; after --speed-seconds (default 200) no new row starts. Each compiled row is
+        tried at larger batches; after --speed-seconds (default 160) no new row starts. Each compiled row is
         profiled for one more step: kernels launched per token and the share of the wall time the GPU was
         busy (where the time goes). The table gives THL / standard at equal batch and, separately, each
         model at its own fastest batch that fit (a throughput comparison at equal parameters).
@@ -814,7 +814,7 @@ def configs(smoke: bool) -> dict[str, Any]:
             recall_thl=dict(type="thl", num_tiers=3, memory_slots=16, read_heads=4, local_query_dim=16, bptt_chunk=0))
     return dict(
         vocab=50304, std="gpt2-small-like", thl="thl-125m", seq=256, steps=3, speed_batches=[16, 64, 256],
-        speed_modes=["reduce-overhead"], speed_seconds=200,
+        speed_modes=["reduce-overhead"], speed_seconds=160,
         contexts=[1024, 8192, 65536, 262144], decode=32, real=1024, layered="qwen2.5-1.5b", cap=2**30, batches=[1, 8],
         cap7b=4 * 2**30, headroom7b=512 * 2**20, new7b=6, prefill_chunk=1024, mmap7b=True, mmap_context=1024,
         mmap_new=3,
@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"THL's steps in the speed part, comma-separated from {','.join(THL_STEP_MODES)} "
                              "(default reduce-overhead)")
     parser.add_argument("--speed-seconds", type=float, default=None,
-                        help="the speed part starts no new row after this many seconds (default 200)")
+                        help="the speed part starts no new row after this many seconds (default 160)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
