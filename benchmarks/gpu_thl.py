@@ -2,10 +2,14 @@
 7b,speed,bpb,recall runs the 7B table first, on a device nothing has been compiled on yet):
 
 speed   training tokens/s, THL (thl-125m, truncated BPTT) vs the standard model (gpt2-small-like) at about
-        equal parameters, same batch and sequence length, bf16 autocast, the one TrainStep: THL eager, with
-        the step compiled (`compile_step`), and compiled with CUDA graphs (`compile_mode=reduce-overhead`);
-        then one more step of each (but eager THL, whose trace alone would take seconds to read) profiled:
-        kernels launched per token and the share of the wall time the GPU was busy (where the time goes).
+        equal parameters, bf16 autocast, the one TrainStep, at each batch of --speed-batches (default
+        16,64,256; sequences of 256 tokens): the standard model, then THL in each of --speed-modes (eager,
+        default = the step compiled, reduce-overhead = compiled in CUDA graphs; default reduce-overhead).
+        Peak memory and warm-up time (compilation, graph capture) per row; a variant out of memory is not
+        tried at larger batches; after --speed-seconds (default 160) no new row starts. Each compiled row is
+        profiled for one more step: kernels launched per token and the share of the wall time the GPU was
+        busy (where the time goes). The table gives THL / standard at equal batch and, separately, each
+        model at its own fastest batch that fit (a throughput comparison at equal parameters).
 7b      the design document's 7B table: a random THL of ~7B parameters and a random standard model of ~7B
         (Mistral-7B shape: Llama-2-7B's 32 x 4096 with 8 KV heads) decoded through the layered engine under
         a 4 GiB GPU cap (torch.cuda.set_per_process_memory_fraction enforces it), batch 1 and 8, context 8K
@@ -29,6 +33,8 @@ budget  the 7B table's memory arithmetic from the shapes alone (meta device, no 
         positions: 0 for a pre-allocated KV cache), the weight budget the cap leaves, the largest units.
 
     python benchmarks/gpu_thl.py --out $OUT [--parts 7b,speed,bpb,recall] [--commit SHA]
+    python benchmarks/gpu_thl.py --out $OUT --parts speed --speed-batches 16,64,256 --speed-modes reduce-overhead
+    python benchmarks/gpu_thl.py --out $OUT --parts bpb,recall --thl-mode reduce-overhead --bpb-batch 64
     python benchmarks/gpu_thl.py --out /tmp/x --smoke     # tiny shapes, runs on CPU (a check)
 
 Writes gpu_thl_items.json and gpu_thl_items.md (`--name` changes the stem) into --out, after every part:
@@ -114,9 +120,11 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     step = TrainStep(model, model, opt, device, dtype, clip=1.0)
     x = torch.randint(0, vocab, (batch, seq_len), device=device)
     peak_reset(device)
+    t = time.perf_counter()
     for _ in range(warmup):  # compilation, and CUDA-graph capture (which needs a few calls)
         step([x])
     sync(device)
+    warmup_seconds = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps):
         out = step([x])
@@ -124,7 +132,9 @@ def train_speed(preset: str, device: torch.device, batch: int, seq_len: int, ste
     seconds = (time.perf_counter() - t) / steps
     result = {"preset": preset, "parameters": model.num_parameters(), "batch": batch, "seq_len": seq_len,
               "steps_timed": steps, "seconds_per_step": seconds, "tokens_per_s": batch * seq_len / seconds,
-              "loss": float(out.loss), "peak_bytes": peak(device), **overrides}
+              "warmup_steps": warmup, "warmup_seconds": warmup_seconds,
+              "loss": float(out.loss), "peak_bytes": peak(device), "peak_reserved_bytes": peak_reserved(device),
+              **overrides}
     if timed is not None:
         timed(result)
     if profile:
@@ -275,29 +285,85 @@ def profile_step(step: TrainStep, x: torch.Tensor, device: torch.device) -> dict
                              "share_of_wall": e.self_cpu_time_total / 1e6 / wall} for e in cpu_ops]}
 
 
+THL_STEP_MODES = {"eager": {}, "default": {"compile_step": True},
+                  "reduce-overhead": {"compile_step": True, "compile_mode": "reduce-overhead"}}
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    return row["preset"] + "".join(f" {k}={row[k]}" for k in ("compile_step", "compile_mode") if k in row)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def part_speed(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], keep_mode: bool = False) -> None:
+    """Every variant at every batch of `speed_batches`, smallest batch first (so that a time budget
+    cut keeps the equal-batch pairs): the standard model and THL in each of `speed_modes`. A
+    variant that runs out of memory is not tried at larger batches; once `speed_seconds` are spent
+    the remaining rows are recorded as skipped."""
     rows = report.setdefault("speed", [])
-    variants = [(cfg["std"], {}), (cfg["thl"], {}), (cfg["thl"], {"compile_step": True}),
-                (cfg["thl"], {"compile_step": True, "compile_mode": "reduce-overhead"})]
+    report["speed_setup"] = {"batches": sorted(cfg["speed_batches"]), "thl_modes": cfg["speed_modes"],
+                             "seq_len": cfg["seq"], "steps_timed": cfg["steps"], "budget_seconds": cfg["speed_seconds"]}
+    variants = [(cfg["std"], {})] + [(cfg["thl"], THL_STEP_MODES[m]) for m in cfg["speed_modes"]]
+    start = time.perf_counter()
+    stopped: dict[str, str] = {}  # variant -> why its sweep stopped
 
     def keep(result: dict[str, Any]) -> None:
         rows.append(result)
+        report["speed_summary"] = speed_summary(rows, cfg["std"], cfg["thl"])  # kept if the run is cut
         write_report(report)
 
-    for preset, overrides in variants:
-        try:
-            warm = 3 if overrides.get("compile_mode") == "reduce-overhead" else 1
-            train_speed(preset, device, cfg["batch"], cfg["seq"], cfg["steps"], cfg["vocab"], warmup=warm,
-                        profile=preset == cfg["std"] or bool(overrides), timed=keep, **overrides)
-        except Exception as e:  # one failing variant is reported; the others still run
-            rows.append({"preset": preset, **overrides, "error": error_text(e)})
-        log(f"speed: {rows[-1]}")
-        write_report(report)
-    fastest = max((r for r in rows if r["preset"] == cfg["thl"] and "error" not in r),
-                  key=lambda r: r["tokens_per_s"], default=None)
+    for batch in sorted(cfg["speed_batches"]):
+        for preset, overrides in variants:
+            planned = {"preset": preset, "batch": batch, "seq_len": cfg["seq"], **overrides}
+            label = variant_label(planned)
+            spent = time.perf_counter() - start
+            if label in stopped or spent > cfg["speed_seconds"]:
+                why = stopped.get(label) or f"time budget spent ({spent:.0f} s of {cfg['speed_seconds']:.0f} s)"
+                rows.append({**planned, "skipped": why})
+                log(f"speed: {label} batch {batch} skipped: {why}")
+                continue
+            try:
+                warm = 3 if overrides.get("compile_mode") == "reduce-overhead" else 1
+                train_speed(preset, device, batch, cfg["seq"], cfg["steps"], cfg["vocab"], warmup=warm,
+                            profile=preset == cfg["std"] or bool(overrides), timed=keep, **overrides)
+            except Exception as e:  # one failing variant is reported; the others still run
+                oom = is_out_of_memory(e)
+                rows.append({**planned, "error": "out of memory" if oom else error_text(e), "out_of_memory": oom})
+                if oom:
+                    stopped[label] = f"out of memory at batch {batch}"
+            # compiled steps and their CUDA-graph pools go with the variant that built them
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log(f"speed: {({k: v for k, v in rows[-1].items() if k != 'profile'})}")
+            write_report(report)
+    report["speed_summary"] = speed_summary(rows, cfg["std"], cfg["thl"])
+    best = report["speed_summary"]["best"].get(cfg["thl"])
     if not keep_mode:
-        report["thl_fastest"] = None if fastest is None else {
-            k: fastest[k] for k in ("compile_step", "compile_mode") if k in fastest}
+        report["thl_fastest"] = None if best is None else {
+            k: best[k] for k in ("compile_step", "compile_mode") if k in best}
+
+
+def speed_summary(rows: list[dict[str, Any]], std: str, thl: str) -> dict[str, Any]:
+    """Each model's fastest row (its best batch among those that ran), THL / standard at each
+    batch both ran (THL's fastest variant there), and best / best."""
+    measured = [r for r in rows if "tokens_per_s" in r]
+    best = {p: max((r for r in measured if r["preset"] == p), key=lambda r: r["tokens_per_s"], default=None)
+            for p in (std, thl)}
+    summary: dict[str, Any] = {"best": {p: None if r is None else {k: v for k, v in r.items() if k != "profile"}
+                                        for p, r in best.items()},
+                               "equal_batch": {}}
+    for batch in sorted({r["batch"] for r in measured}):
+        at = {p: max((r["tokens_per_s"] for r in measured if r["preset"] == p and r["batch"] == batch), default=None)
+              for p in (std, thl)}
+        if at[std] and at[thl]:
+            summary["equal_batch"][str(batch)] = at[thl] / at[std]
+    if best[std] and best[thl]:
+        summary["best_over_best"] = best[thl]["tokens_per_s"] / best[std]["tokens_per_s"]
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +470,8 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
     dtype = torch.bfloat16
     cap = cfg["cap7b"]
     headroom = cfg["headroom7b"]
-    section = report.setdefault("7b", {"cap_bytes": cap, "headroom_bytes": headroom, "rows": [],
+    section = report.setdefault("7b", {"cap_bytes": cap, "headroom_bytes": headroom,
+                                       "headroom_bytes_per_row": cfg["headroom7b_per_row"], "rows": [],
                                        "pinned_gb_per_s": report.get("pinned_gb_per_s")})
     llama = model_config(dict(type="standard", **cfg["llama7b"]))
     section["llama2_7b_kv_bytes_8k_batch1"] = kv_bytes(llama, 1, 8192)
@@ -473,7 +540,7 @@ def rows_7b(engine: LayeredEngine, name: str, source: str, runs: list[tuple[int,
                 raise TimeoutError("skipped: the time given to these rows is spent")
             # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
             engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
-                                                    max_length=context + new_tokens + 2), cfg["headroom7b"])
+                                                    max_length=context + new_tokens + 2), headroom_7b(cfg, batch))
             stats = engine.stats()
             row.update({"pieces": stats["pieces"], "slots": stats["slots"], "slot_bytes": stats["slot_bytes"]})
             row.update(layered_decode(engine, model, batch, context, new_tokens, model.config.vocab_size,
@@ -485,6 +552,12 @@ def rows_7b(engine: LayeredEngine, name: str, source: str, runs: list[tuple[int,
         section["rows"].append(row)
         log(f"7b: {row}")
         write_report(report)
+
+
+def headroom_7b(cfg: dict[str, Any], batch: int) -> int:
+    """Bytes kept free for activations: a fixed part and a part per row (at batch 8 THL-7B's step
+    asked for 344 MiB more than a flat 512 MiB left)."""
+    return cfg["headroom7b"] + batch * cfg["headroom7b_per_row"]
 
 
 def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
@@ -516,6 +589,7 @@ def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
             state = model.init_state(batch, device="meta", dtype=torch.bfloat16,
                                      max_length=context + cfg["new7b"] + 2)
             allocated, counted = state_capacity_bytes(state), model.state_nbytes(state)
+            headroom = headroom_7b(cfg, batch)
             row = {"batch": batch, "context": context, "state_allocated_bytes": allocated,
                    "state_counted_by_first_run_bytes": counted,
                    "weight_budget_first_run": cap - resident - counted - headroom,
@@ -568,10 +642,11 @@ def part_bpb(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], 
     std = dict(cfg["bpb_std"], vocab_size=cfg["bpb_vocab"])
     thl = thl_matching(std, dict(cfg["bpb_thl"], vocab_size=cfg["bpb_vocab"], **thl_step_mode(report)))
     steps = cfg["bpb_min_steps"]  # THL's speed unknown: the fewest steps
-    speed = next((r["tokens_per_s"] for r in reversed(report.get("speed", []))
-                  if r.get("preset") == cfg["thl"] and "error" not in r
-                  and {k: r.get(k) for k in ("compile_step", "compile_mode")} ==
-                  {k: thl_step_mode(report).get(k) for k in ("compile_step", "compile_mode")}), None)
+    mode = {k: thl_step_mode(report).get(k) for k in ("compile_step", "compile_mode")}
+    measured = [r for r in report.get("speed", []) if r.get("preset") == cfg["thl"] and "tokens_per_s" in r
+                and {k: r.get(k) for k in ("compile_step", "compile_mode")} == mode]
+    nearest = min(measured, key=lambda r: (abs(r["batch"] - cfg["bpb_batch"]), r["batch"]), default=None)
+    speed = None if nearest is None else nearest["tokens_per_s"]  # at 125M, the batch nearest bpb's
     if speed:  # THL's measured speed sets the steps: about bpb_seconds of THL training
         affordable = cfg["bpb_seconds"] * speed / (cfg["bpb_batch"] * cfg["bpb_seq"])
         steps = int(max(cfg["bpb_min_steps"], min(cfg["bpb_steps"], affordable)))
@@ -754,9 +829,11 @@ def write_report(report: dict[str, Any]) -> None:
 def configs(smoke: bool) -> dict[str, Any]:
     if smoke:
         return dict(
-            vocab=512, std="standard-tiny", thl="thl-tiny", batch=2, seq=32, steps=1,
+            vocab=512, std="standard-tiny", thl="thl-tiny", seq=32, steps=1, speed_batches=[2, 4],
+            speed_modes=["eager", "reduce-overhead"], speed_seconds=600,
             contexts=[64, 256], decode=4, real=64, layered="standard-tiny", cap=2 * 2**20, batches=[1, 2],
-            cap7b=320 * 2**10, headroom7b=32 * 2**10, new7b=2, prefill_chunk=64, mmap7b=True, mmap_new=2,
+            cap7b=320 * 2**10, headroom7b=32 * 2**10, headroom7b_per_row=0, new7b=2, prefill_chunk=64, mmap7b=True,
+            mmap_new=2,
             llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                          intermediate_size=11008),
             thl7b=dict(type="thl", vocab_size=256, hidden_size=64, num_tiers=4, memory_slots=32, read_heads=4,
@@ -777,9 +854,11 @@ def configs(smoke: bool) -> dict[str, Any]:
                             intermediate_size=64, max_position_embeddings=512),
             recall_thl=dict(type="thl", num_tiers=3, memory_slots=16, read_heads=4, local_query_dim=16, bptt_chunk=0))
     return dict(
-        vocab=50304, std="gpt2-small-like", thl="thl-125m", batch=16, seq=256, steps=3,
+        vocab=50304, std="gpt2-small-like", thl="thl-125m", seq=256, steps=3, speed_batches=[16, 64, 256],
+        speed_modes=["reduce-overhead"], speed_seconds=160,
         contexts=[1024, 8192, 65536, 262144], decode=32, real=1024, layered="qwen2.5-1.5b", cap=2**30, batches=[1, 8],
-        cap7b=4 * 2**30, headroom7b=512 * 2**20, new7b=6, prefill_chunk=1024, mmap7b=True, mmap_new=3,
+        cap7b=4 * 2**30, headroom7b=448 * 2**20, headroom7b_per_row=64 * 2**20, new7b=6, prefill_chunk=1024,
+        mmap7b=True, mmap_new=3,
         # Llama-2-7B: its KV cache at 8K is computed, to say why the standard model run has 8 KV heads
         llama7b=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
                      intermediate_size=11008),
@@ -821,6 +900,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="gpu_thl_items", help="stem of the results files (.json, .md)")
     parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
     parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
+    parser.add_argument("--bpb-batch", type=int, default=None, help="sequences per step in bpb (both models)")
+    parser.add_argument("--bpb-steps", type=int, default=None,
+                        help="training steps in bpb (both models); default: about --bpb-seconds of THL at the "
+                             "speed part's measured speed, 30 when it did not run")
+    parser.add_argument("--recall-batch", type=int, default=None, help="sequences per step in recall (both models)")
+    parser.add_argument("--speed-batches", default=None,
+                        help="comma-separated batch sizes of the speed part (default 16,64,256)")
+    parser.add_argument("--speed-modes", default=None,
+                        help=f"THL's steps in the speed part, comma-separated from {','.join(THL_STEP_MODES)} "
+                             "(default reduce-overhead)")
+    parser.add_argument("--speed-seconds", type=float, default=None,
+                        help="the speed part starts no new row after this many seconds (default 160)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -839,6 +930,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg["bpb_seconds"] = args.bpb_seconds
     if args.recall_seconds is not None:
         cfg["recall_seconds"] = args.recall_seconds
+    for key, value in (("bpb_batch", args.bpb_batch), ("recall_batch", args.recall_batch)):
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+            cfg[key] = value
+    if args.bpb_steps is not None:
+        if args.bpb_steps < 1:
+            parser.error(f"--bpb-steps must be >= 1, got {args.bpb_steps}")
+        cfg["bpb_min_steps"] = cfg["bpb_steps"] = args.bpb_steps
+    if args.speed_seconds is not None:
+        cfg["speed_seconds"] = args.speed_seconds
+    if args.speed_batches is not None:
+        try:
+            cfg["speed_batches"] = [int(b) for b in args.speed_batches.split(",") if b.strip()]
+        except ValueError:
+            parser.error(f"--speed-batches must be comma-separated integers, got '{args.speed_batches}'")
+        if not cfg["speed_batches"] or min(cfg["speed_batches"]) < 1:
+            parser.error(f"--speed-batches must be integers >= 1, got '{args.speed_batches}'")
+    if args.speed_modes is not None:
+        cfg["speed_modes"] = [m.strip() for m in args.speed_modes.split(",") if m.strip()]
+        bad = [m for m in cfg["speed_modes"] if m not in THL_STEP_MODES]
+        if bad or not cfg["speed_modes"]:
+            parser.error(f"--speed-modes: unknown {bad or 'empty'}; valid: {','.join(THL_STEP_MODES)}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report: dict[str, Any] = {"device": name, "torch": torch.__version__, "commit": commit, "smoke": args.smoke,
                               "parts": parts, "part_seconds": {}, "part_errors": {}}
@@ -891,6 +1005,66 @@ def main(argv: list[str] | None = None) -> int:
 # the results page
 
 
+def speed_markdown(r: dict[str, Any]) -> list[str]:
+    mib = lambda b: "" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
+    setup = r.get("speed_setup", {})
+    rows = r["speed"]
+    lines = ["## Training tokens/s at about equal parameters (bf16 autocast, one TrainStep)", "",
+             f"Batches {setup.get('batches')} x {setup.get('seq_len')} tokens, each variant timed over "
+             f"{setup.get('steps_timed')} steps after its warm-up (warm-up s: compilation and CUDA-graph capture "
+             "included). 'vs standard, same batch': THL / the standard model at the row's batch; 'vs standard's "
+             "best': against the standard model at its fastest batch.", "",
+             "| model | params | batch x seq | tokens/s | vs standard, same batch | vs standard's best | s/step "
+             "| warm-up s | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    measured = [e for e in rows if "tokens_per_s" in e]
+    std = rows[0]["preset"]  # the standard model is each batch's first variant
+    base = {e["batch"]: e["tokens_per_s"] for e in measured if e["preset"] == std}
+    best_std = max(base.values(), default=None)
+    for e in rows:
+        label = variant_label(e)
+        shape = f"{e['batch']}x{e['seq_len']}"
+        if "tokens_per_s" not in e:
+            why = e.get("skipped") and f"skipped: {e['skipped']}" or f"failed: {e.get('error')}"
+            lines.append(f"| {label} | | {shape} | {why} | | | | | |")
+            continue
+        same = f"{e['tokens_per_s'] / base[e['batch']]:.3f}x" if base.get(e["batch"]) else ""
+        vs_best = f"{e['tokens_per_s'] / best_std:.3f}x" if best_std else ""
+        lines.append(f"| {label} | {e['parameters'] / 1e6:.1f}M | {shape} | {e['tokens_per_s']:,.0f} | {same} | "
+                     f"{vs_best} | {e['seconds_per_step']:.3f} | {e.get('warmup_seconds', 0):.1f} | "
+                     f"{mib(e['peak_bytes'])} |")
+    summary = r.get("speed_summary")
+    if summary and summary.get("best_over_best") is not None:
+        best = summary["best"]
+        thl = next(b for p, b in best.items() if p != std)
+        lines += ["", f"Throughput at about equal parameters, each model at its own fastest batch of those tried "
+                  f"that fit (not an equal-batch comparison): {variant_label(thl)} at batch {thl['batch']} "
+                  f"{thl['tokens_per_s']:,.0f} tokens/s, {std} at batch {best[std]['batch']} "
+                  f"{best[std]['tokens_per_s']:,.0f} tokens/s: **{summary['best_over_best']:.3f}x**. At equal batch "
+                  "(THL's fastest variant): " + ", ".join(f"batch {b} {x:.3f}x"
+                                                         for b, x in summary["equal_batch"].items()) + "."]
+    profiled = [e for e in rows if "profile" in e]
+    if profiled:
+        lines += ["", "### Where the time goes (one profiled training step)", "",
+                  "| model | batch | wall s | GPU busy s | GPU busy share | kernels per trained token | kernels per "
+                  "position (all rows) | top CPU ops (share of wall) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in profiled:
+            e = row["profile"]
+            if "error" in e:
+                lines.append(f"| {variant_label(row)} | {row['batch']} | profile failed: {e['error']} | | | | | |")
+                continue
+            share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
+            kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
+            per_position = e.get("kernels_per_recurrence_step")
+            kernels += " | " + ("" if per_position is None else f"{per_position:.0f}")
+            ops = ", ".join(f"{o['op'].strip('# ')[:40]} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
+            lines.append(f"| {variant_label(row)} | {row['batch']} | {e['wall_seconds']:.3f} | "
+                         f"{e['device_busy_seconds']:.3f} | {share} | {kernels} | {ops} |")
+        lines += ["", "GPU busy share: kernel time / wall time of the step; far below 1 means the GPU waits for "
+                  "the host to launch work (per-token overhead), not for arithmetic."]
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     mib = lambda b: "" if b is None else f"{b / 2**20:,.0f}"  # noqa: E731
     lines = [f"# THL: 7B table, bits per byte, recall, training speed ({r['device']})", "",
@@ -930,40 +1104,7 @@ def markdown(r: dict[str, Any]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     if r.get("speed"):
-        lines += ["## Training tokens/s at about equal parameters (bf16 autocast, one TrainStep)", "",
-                  "| model | params | batch x seq | tokens/s | vs standard | s/step | peak MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        first = r["speed"][0]  # the standard model
-        base = None if "error" in first else first["tokens_per_s"]
-        for e in r["speed"]:
-            label = e["preset"] + "".join(f" {k}={e[k]}" for k in ("compile_step", "compile_mode") if k in e)
-            if "error" in e:
-                lines.append(f"| {label} | | | failed: {e['error']} | | | |")
-                continue
-            ratio = f"{e['tokens_per_s'] / base:.3f}x" if base else ""
-            lines.append(f"| {label} | {e['parameters'] / 1e6:.1f}M | {e['batch']}x{e['seq_len']} | "
-                         f"{e['tokens_per_s']:,.0f} | {ratio} | {e['seconds_per_step']:.3f} | {mib(e['peak_bytes'])} |")
-    profiled = [e for e in r.get("speed", []) if "profile" in e]
-    if profiled:
-        lines += ["", "### Where the time goes (one profiled training step)", "",
-                  "| model | wall s | GPU busy s | GPU busy share | kernels per trained token | kernels per position "
-                  "(all rows) | top CPU ops (share of wall) |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in profiled:
-            label = row["preset"] + "".join(f" {k}={row[k]}" for k in ("compile_step", "compile_mode") if k in row)
-            e = row["profile"]
-            if "error" in e:
-                lines.append(f"| {label} | profile failed: {e['error']} | | | | | |")
-                continue
-            share = "" if e["device_busy_share"] is None else f"{e['device_busy_share']:.2f}"
-            kernels = "" if e["kernels_per_token"] is None else f"{e['kernels_per_token']:.1f}"
-            per_position = e.get("kernels_per_recurrence_step")
-            kernels += " | " + ("" if per_position is None else f"{per_position:.0f}")
-            ops = ", ".join(f"{o['op'].strip('# ')[:40]} {o['share_of_wall']:.2f}" for o in e["top_cpu_ops"][:4])
-            lines.append(f"| {label} | {e['wall_seconds']:.3f} | {e['device_busy_seconds']:.3f} | {share} | "
-                         f"{kernels} | {ops} |")
-        lines += ["", "GPU busy share: kernel time / wall time of the step; far below 1 means the GPU waits for "
-                  "the host to launch work (per-token overhead), not for arithmetic."]
+        lines += speed_markdown(r)
     s7 = r.get("7b")
     if s7:
         lines += ["", f"## The 7B table: layered engine under a {s7['cap_bytes'] / 2**30:.1f} GiB GPU cap (random "
@@ -971,7 +1112,9 @@ def markdown(r: dict[str, Any]) -> str:
                   f"Pinned host->device copy: {s7.get('pinned_gb_per_s') or 0:.1f} GB/s. The cap is enforced on the "
                   f"whole process (`torch.cuda.set_per_process_memory_fraction`); the engine's weight budget is the "
                   f"cap minus the resident weights, the state (KV cache or THL state) and "
-                  f"{s7['headroom_bytes'] / 2**20:.0f} MiB of headroom for activations.", ""]
+                  f"{s7['headroom_bytes'] / 2**20:.0f} MiB of headroom for activations"
+                  + (f" plus {s7['headroom_bytes_per_row'] / 2**20:.0f} MiB per batch row"
+                     if s7.get("headroom_bytes_per_row") else "") + ".", ""]
         for m in s7.get("models", []):
             floor = m.get("floor_tokens_per_s_batch1")
             lines.append(f"- {m['model']}: {m['parameters'] / 1e9:.2f}B parameters, "

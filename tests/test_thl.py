@@ -174,6 +174,56 @@ def test_truncated_bptt_gives_the_full_sequence_loss():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
 
 
+def test_whole_sequence_gradients_equal_token_by_token_backprop():
+    """float64: one forward over the sequence and T one-token forwards with the state carried (not
+    detached) give the same logits and the same parameter gradients: the per-token inputs
+    precomputed for the whole sequence are routed to, and their gradients back from, the right step."""
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    grads, logits = [], []
+    for whole in (True, False):
+        model = tiny(read_noise=0.0, bptt_chunk=0).double().train()
+        if whole:
+            out = model(x).logits
+        else:
+            state, pieces = model.init_state(2), []
+            for i in range(x.shape[1]):
+                o = model(x[:, i:i + 1], state=state)
+                state, pieces = o.state, pieces + [o.logits]
+            out = torch.cat(pieces, dim=1)
+        out.pow(2).mean().backward()
+        logits.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    # the carried state (tiers, bank, FIFO) is fp32 by design: float64 elsewhere, so fp32 tolerances
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-7, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "reader.query_e.weight" in grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_compiled_step_sees_one_input_signature_while_training():
+    """With compile_step, every step of a training forward (the first included, whose state comes
+    from zeros or a detached carry) gets tiers and memory that require grad: torch.compile then
+    builds one graph for the step instead of a second one for the first token (the step function is
+    replaced by a recorder here, so nothing is compiled)."""
+    model = tiny(compile_step=True, bptt_chunk=0).train()
+    seen = []
+
+    def recorder(*args):
+        seen.append((args[4].requires_grad, args[5].requires_grad))
+        return model.step(*args)
+
+    model._step_fn = recorder
+    x = torch.randint(0, VOCAB, (2, 5))
+    state = model.init_state(2)
+    out = model(x, labels=x, state=state)
+    model(x, state=out.state.detach()).logits.sum().backward()  # a carried, detached state
+    assert seen == [(True, True)] * 10
+    assert not state.tiers.requires_grad and not state.memory.requires_grad  # the caller's state untouched
+    with torch.no_grad():
+        model(x)
+    assert seen[10:] == [(False, False)] * 5
+
+
 def _quick_start_code() -> str:
     text = (Path(__file__).parents[1] / "docs" / "thl.md").read_text()
     block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)

@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynlm.config import ModelConfig
@@ -244,7 +243,8 @@ class NoveltyWriter(nn.Module):
         staleness = (position - last_read).float() / (position + 1).float()  # (0, 1]
         evict = (staleness + (1.0 - read_ema)).argmax(dim=-1)  # stale and under-used
         target = torch.where(novel, torch.where(empty.any(dim=-1), first_empty, evict), cos.argmax(dim=-1))
-        onehot = F.one_hot(target, j).to(memory.dtype)  # [B, J]
+        # a comparison, not F.one_hot, whose range check compiles to a reduction and a device assert per token
+        onehot = (target[:, None] == slot_ids).to(memory.dtype)  # [B, J]
         memory = c.memory_decay * memory + (c.write_rate * gate)[:, None, None] * onehot[:, :, None] * w[:, None, :]
         rho = c.read_ema_decay
         write_ema = rho * write_ema + (1 - rho) * onehot * gate[:, None].detach()
@@ -351,12 +351,19 @@ class THLModel(DynModel):
             shape = (t, b, c.read_heads, c.memory_slots)
             noise = c.read_noise * gumbel_noise(shape, input_ids.device, self.noise_generator)
         tiers, memory, read_ema, write_ema = state.tiers, state.memory, state.read_ema, state.write_ema
+        if c.compile_step and torch.is_grad_enabled():
+            # every later step gets tiers and memory that require grad (they depend on the weights): the
+            # first one too, so that one compiled graph (forward and backward) serves all steps instead of two
+            tiers, memory = (x if x.requires_grad else x.detach().requires_grad_() for x in (tiers, memory))
         last_read, last_write, position = state.last_read, state.last_write, state.position
         outputs, usages, gates, novels = [], [], [], []
         step = self._step_for_this_forward()
-        for i in range(t):
+        # unbind, not query_e[:, i]: backward then stacks each input's T gradients once, where indexing
+        # would zero-fill and add a whole [B, T, ...] gradient for every token (3 kernels per input per token)
+        per_token = zip(query_e.unbind(1), gates0.unbind(1), local.unbind(1))
+        for i, (query_e_i, gates0_i, local_i) in enumerate(per_token):
             tiers, memory, read_ema, write_ema, last_read, last_write, usage, gate, novel = step(
-                query_e[:, i], gates0[:, i], local[:, i], None if noise is None else noise[i], tiers, memory,
+                query_e_i, gates0_i, local_i, None if noise is None else noise[i], tiers, memory,
                 read_ema, write_ema, last_read, last_write, position)
             position = position + 1
             outputs.append(tiers)
