@@ -210,3 +210,35 @@ def test_distributed_benchmark_figures(monkeypatch):
     assert rows["ddp"]["mean_abs_loss_delta"] == pytest.approx(0.05)
     assert rows["ddp-accum2"]["scaling_efficiency"] == pytest.approx(0.95)
     assert "reference" not in rows["ddp-accum2"]
+
+
+def test_fsdp_step_skips_a_non_finite_gradient_on_the_device(one_process_group):
+    """Sharded (DTensor) parameters: fused AdamW's found_inf skips the update, so the step needs
+    no read-back (the trainer used to call bool() on the norm every FSDP2 step)."""
+    import torch
+
+    from dynlm.config import model_config
+    from dynlm.distributed import DistContext, wrap_model
+    from dynlm.registry import get_architecture
+    from dynlm.train.config import TrainConfig
+    from dynlm.train.optim import build_optimizer
+    from dynlm.train.trainer import TrainStep
+
+    config = model_config({"preset": "standard-tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                           "num_kv_heads": 1, "intermediate_size": 64, "vocab_size": 64})
+    model = wrap_model(get_architecture(config.type)[1](config), DistContext(world_size=2), fsdp=True)
+    device = torch.device("cpu")
+    step = TrainStep(model, model, build_optimizer(model, TrainConfig(lr=1e-2), device), device, torch.float32, 1.0)
+    assert step.skip_on_device
+
+    def weights():
+        return [p.detach().full_tensor().clone() for p in model.parameters()]
+
+    ids = torch.randint(0, 64, (2, 8))
+    before = weights()
+    poison = model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * float("inf"))
+    out = step([ids])
+    poison.remove()
+    assert bool(out.nonfinite) and all(torch.equal(a, b) for a, b in zip(before, weights()))
+    out = step([ids])
+    assert not bool(out.nonfinite) and not all(torch.equal(a, b) for a, b in zip(before, weights()))
