@@ -419,14 +419,14 @@ def plot(entries: list[dict[str, Any]], path: Path) -> str | None:
                              sharex="col", gridspec_kw={"height_ratios": [2, 1]})
     for column, model in enumerate(models):
         top, bottom = axes[0][column], axes[1][column]
-        for entry in (e for e in done if e["model"] == model):
-            ref = reference_of(entry, done)
-            if entry["processes"] == 1 and ref is not entry:
-                continue  # a throughput baseline at another global batch
+        compared = [(e, reference_of(e, done)) for e in done if e["model"] == model and e["processes"] > 1]
+        compared = [(e, ref) for e, ref in compared if ref is not None]  # runs at a 1-GPU run's global batch
+        references = list({id(ref): ref for _, ref in compared}.values())
+        for entry, ref in [(r, None) for r in references] + compared:
             steps = range(1, len(entry["losses"]) + 1)
             width = 2.0 if entry["processes"] == 1 else 0.8
             top.plot(steps, entry["losses"], label=entry["variant"], linewidth=width)
-            if entry["processes"] > 1 and ref is not None:
+            if ref is not None:
                 delta = [a - b for a, b in zip(entry["losses"], ref["losses"])]
                 bottom.plot(steps[:len(delta)], delta, label=f"{entry['variant']} - {ref['variant']}", linewidth=0.8)
         top.set_title(f"{model}: runs at the 2-GPU global batch")
