@@ -5,8 +5,8 @@
 
 Every run is the `dynlm train` pipeline (`dynlm.train.train`: data, model, the trainer's step),
 NCCL on CUDA with NVLink multicast off (NCCL_NVLS_ENABLE=0), gloo on CPU. The script launches
-`torchrun` once for the 1-process runs and once per model for the 2-process runs; inside a launch
-the runs follow one another in one process group. A run stops right after its last training
+`torchrun` once for the 1-process runs and once for the 2-process runs; inside a launch the runs
+follow one another in one process group. A run stops right after its last training
 step (a callback raises): the end-of-run validation and checkpoint are not what is compared, and
 writing them for every variant would cost more than the steps.
 
@@ -85,12 +85,14 @@ VARIANTS = {
                                               {"fsdp": True, "fsdp_reshard_after_forward": False,
                                                "fsdp_param_dtype": "bfloat16", "fsdp_reduce_dtype": "bfloat16"}),
 }
-DEFAULT_RUNS = {
-    "gpt2-small-like": ["single", "single-accum2", "ddp", "ddp-grad-copy", "ddp-bucket-100mb",
-                        "ddp-accum2", "fsdp", "fsdp-keep-gathered", "fsdp-bf16", "fsdp-keep-gathered-bf16"],
-    "0.5b": ["single", "single-accum2", "ddp", "ddp-bucket-100mb", "fsdp",
-             "fsdp-keep-gathered", "fsdp-keep-gathered-bf16"],
-}
+DEFAULT_RUNS = [  # (model, variant); 2-process runs most telling first, should the budget run out
+    ("gpt2-small-like", "single"), ("gpt2-small-like", "single-accum2"), ("0.5b", "single"), ("0.5b", "single-accum2"),
+    ("gpt2-small-like", "ddp"), ("0.5b", "ddp"), ("gpt2-small-like", "fsdp"), ("0.5b", "fsdp"),
+    ("gpt2-small-like", "fsdp-keep-gathered-bf16"), ("0.5b", "fsdp-keep-gathered-bf16"),
+    ("gpt2-small-like", "fsdp-keep-gathered"), ("0.5b", "fsdp-keep-gathered"), ("gpt2-small-like", "fsdp-bf16"),
+    ("gpt2-small-like", "ddp-bucket-100mb"), ("0.5b", "ddp-bucket-100mb"), ("gpt2-small-like", "ddp-grad-copy"),
+    ("gpt2-small-like", "ddp-accum2"),
+]
 
 MODELS = {  # model section of the run config; vocab_size is the preset's (bytes are a subset)
     "gpt2-small-like": {"preset": "gpt2-small-like", "vocab_size": 50304},
@@ -253,11 +255,9 @@ def run_config(model: str, variant: str, args: argparse.Namespace, work: Path) -
 
 
 def launch_groups(wanted: list[tuple[str, str]]) -> list[tuple[int, list[tuple[str, str]]]]:
-    """(processes, runs) per torchrun launch: first every 1-process run (the baselines), then one
-    launch per model for its 2-process runs, each in the order asked for."""
-    groups: list[tuple[int, list[tuple[str, str]]]] = [(1, [r for r in wanted if VARIANTS[r[1]].processes == 1])]
-    for model in dict.fromkeys(m for m, _ in wanted):
-        groups.append((2, [r for r in wanted if r[0] == model and VARIANTS[r[1]].processes == 2]))
+    """(processes, runs) per torchrun launch: every 1-process run (the baselines), then every
+    2-process run, each in the order asked for."""
+    groups = [(n, [r for r in wanted if VARIANTS[r[1]].processes == n]) for n in (1, 2)]
     return [(n, runs) for n, runs in groups if runs]
 
 
@@ -463,7 +463,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         head = (f"| {e['model']} | {e['variant']} | {e['processes']} | {per_gpu} x {t['grad_accum']} | "
                 f"{t['batch_size']} | {t['max_steps']} |")
         if "losses" not in e:
-            lines.append(f"{head} {'failed: ' + e['error'] if 'error' in e else 'not run yet'} | | | | | "
+            status = e["error"] if e.get("error", "").startswith("skipped") else f"failed: {e['error']}" \
+                if "error" in e else "not run yet"
+            lines.append(f"{head} {status} | | | | | "
                          f"{e['note']} |")
             continue
         peaks = ", ".join(_gib(b) for b in e["peak_memory_bytes"])
@@ -514,14 +516,14 @@ def parse_per_model(text: str, what: str) -> dict[str, int]:
 def parse_runs(text: str | None) -> list[tuple[str, str]]:
     """"MODEL:VARIANT,..." (or "MODEL:default" for that model's default list); None: all defaults."""
     if text is None:
-        return [(m, v) for m, variants in DEFAULT_RUNS.items() for v in variants]
+        return list(DEFAULT_RUNS)
     wanted: list[tuple[str, str]] = []
     for item in text.split(","):
         model, _, variant = item.partition(":")
         if model not in MODELS:
             raise SystemExit(f"--runs: unknown model '{model}' in '{item}'; valid: {', '.join(MODELS)}")
         if variant == "default":
-            wanted += [(model, v) for v in DEFAULT_RUNS[model]]
+            wanted += [(m, v) for m, v in DEFAULT_RUNS if m == model]
         elif variant in VARIANTS:
             wanted.append((model, variant))
         else:
@@ -533,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu_distributed.json, .md and _loss.png")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, 2 processes, tiny models, a few steps")
-    parser.add_argument("--runs", default=None, help="MODEL:VARIANT list (MODEL:default for a model's default "
-                        "list); default: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in DEFAULT_RUNS.items()))
+    parser.add_argument("--runs", default=None, help="MODEL:VARIANT list, run in that order (MODEL:default for a "
+                        "model's default runs); default: " + ", ".join(f"{m}:{v}" for m, v in DEFAULT_RUNS))
     parser.add_argument("--steps", default="gpt2-small-like=40,0.5b=30", help="optimizer steps per run, per model")
     parser.add_argument("--batch-per-gpu", default="gpt2-small-like=16,0.5b=8",
                         help="sequences per GPU per micro-batch, per model")
@@ -586,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     entries = {run_name(m, v): {"model": m, "variant": v, "processes": VARIANTS[v].processes,
                                 "note": VARIANTS[v].note, "config": run_config(m, v, args, work)} for m, v in wanted}
-    report["runs"] = list(entries.values())
+    report["runs"] = sorted(entries.values(), key=lambda e: list(MODELS).index(e["model"]))  # tables by model
     started = time.perf_counter()
 
     def write() -> None:  # after every run, so an interrupted session keeps what it measured
