@@ -122,23 +122,36 @@ def all_gather_objects(obj: object, ctx: DistContext) -> list[object]:
     return out
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool) -> nn.Module:
-    """The module the training loop calls: the model itself, DDP around it (its gradients are
-    views into its communication buckets: no copy per step), or the model sharded in place by
-    FSDP2 (then the returned module is the model)."""
+def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool, *, bucket_cap_mb: float = 25.0,
+               reshard_after_forward: bool = True,
+               param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The module the training loop calls: the model itself, DDP around it, or the model sharded
+    in place by FSDP2 (then the returned module is the model).
+
+    DDP: gradients are views into its communication buckets (no copy per step); each bucket of
+    `bucket_cap_mb` is all-reduced as soon as backward has filled it, overlapping the rest of
+    backward. (Not `static_graph`: its first step all-reduces through hooks on the output's
+    tensors, which DDP cannot find in a ModelOutput, so the ranks' first gradients stay unsynced.)
+    FSDP2: one unit per decoder layer plus the root. `reshard_after_forward=False` keeps each
+    layer's gathered parameters from forward to backward (one all-gather per layer and step
+    instead of two, for the memory of the full parameters); `param_dtype` is the dtype they are
+    gathered and computed in, `reduce_dtype` the one gradients are reduce-scattered in (the
+    sharded master weights and the optimizer stay float32)."""
     if fsdp:
         if not ctx.distributed:
             raise ConfigError("train.fsdp=true needs several processes", "launch with torchrun --nproc_per_node N")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         layers = getattr(getattr(model, "model", None), "layers", None)
         for layer in layers if layers is not None else []:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         return model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                       bucket_cap_mb=bucket_cap_mb)
     return model

@@ -85,6 +85,7 @@ def register_alias(key: str, target: str | Callable[[Any], dict[str, Any]]) -> N
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FSDP_DTYPES = ("float32", "bfloat16")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _TOKENIZER_PATTERN = re.compile(r"^bpe:(\d+)$")
 
@@ -163,6 +164,11 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | ...
     fused_loss: bool = False  # transformer family: LM head + loss in chunks, never the [B, T, V] logits
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    # data parallel tuning (under torchrun); see docs/training.md
+    ddp_bucket_cap_mb: float = 25.0  # DDP: gradients are all-reduced in buckets of this size during backward
+    fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered layers after forward; false keeps them
+    fsdp_param_dtype: str = "float32"  # FSDP2: dtype parameters are gathered in (sharded masters stay float32)
+    fsdp_reduce_dtype: str = "float32"  # FSDP2: dtype gradients are reduce-scattered in
     seed: int = 1337
     # logging, evaluation, checkpoints
     log_every: int = 10  # steps between metric lines (each one reads the loss back from the device)
@@ -201,6 +207,7 @@ class TrainConfig:
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"bad value for 'train.compile_mode': '{self.compile_mode}'",
                               did_you_mean(self.compile_mode, COMPILE_MODES))
+        self._check_data_parallel()
         if self.dtype not in DTYPES:
             raise ConfigError(f"bad value for 'train.dtype': '{self.dtype}'", did_you_mean(self.dtype, DTYPES))
         if not _DEVICE_PATTERN.match(self.device):
@@ -214,6 +221,22 @@ class TrainConfig:
         for split in self.final_eval:
             if split not in ("train", "val", "test"):
                 raise ConfigError(f"bad value in 'train.final_eval': '{split}'", "valid: train, val, test")
+
+    def _check_data_parallel(self) -> None:
+        """DDP options need DDP (fsdp=false) and FSDP2 options need fsdp=true: a tuning value the
+        run would ignore is an error, not a silent no-op."""
+        if not self.ddp_bucket_cap_mb > 0:
+            raise ConfigError(f"train.ddp_bucket_cap_mb must be > 0, got {self.ddp_bucket_cap_mb}")
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            if getattr(self, name) not in FSDP_DTYPES:
+                raise ConfigError(f"bad value for 'train.{name}': '{getattr(self, name)}'", "valid: float32, bfloat16")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        owner = {"ddp_": ("fsdp=false", not self.fsdp), "fsdp_": ("fsdp=true", self.fsdp)}
+        for name, default in defaults.items():
+            for prefix, (needs, active) in owner.items():
+                if name.startswith(prefix) and getattr(self, name) != default and not active:
+                    raise ConfigError(f"train.{name}={getattr(self, name)} needs train.{needs}",
+                                      f"remove it or set train.{needs}")
 
 
 @dataclass

@@ -100,8 +100,9 @@ class TrainStep:
         self.device, self.dtype, self.clip = device, dtype, clip
         self.sync_module = ddp_module if ddp_module is not None else model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol)
-        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not _is_sharded(self.params)
+        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol); with
+        # FSDP2's sharded (DTensor) parameters too, so neither DDP nor FSDP2 waits for the device
+        self.skip_on_device = bool(optimizer.defaults.get("fused"))
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> StepOutput:
         n = len(batches)
@@ -125,6 +126,8 @@ class TrainStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.skip_on_device:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if hasattr(norm, "full_tensor"):  # sharded (FSDP2) parameters give a DTensor norm
+                norm = norm.full_tensor()
             nonfinite = ~torch.isfinite(norm)
             self.optimizer.found_inf = nonfinite.float()
             # the clipping inside the fused update: it divides the gradients by `grad_scale` (and
@@ -182,10 +185,6 @@ def clip_divisor(norm: torch.Tensor, clip: float) -> torch.Tensor:
     """What the gradients are divided by to clip their global norm at `clip`: the reciprocal of
     `clip_grad_norm_`'s coefficient min(1, clip / (norm + 1e-6)). fp32 scalar on the device."""
     return ((norm.float() + 1e-6) / clip).clamp(min=1.0)
-
-
-def _is_sharded(params: list[torch.Tensor]) -> bool:
-    return any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +251,8 @@ class Trainer:
 
     `fit()` runs to `train.max_steps`; `resume(checkpoint_dir)` first restores the exact state of a
     checkpoint. Callbacks are called as `callback(event, trainer, info)` with events "start",
-    "step" (after each optimizer step), "log", "eval", "save" and "end"."""
+    "step" (after each optimizer step; `info["output"]` is its StepOutput, device tensors not yet
+    read back), "log", "eval", "save" and "end"."""
 
     def __init__(self, run: RunConfig, model: nn.Module, tokenizer: Any, splits: dict[str, Any], run_dir: Path,
                  ctx: DistContext, callbacks: Sequence[Callback] = ()):
@@ -268,7 +268,11 @@ class Trainer:
         self.tokens_per_step = self.cfg.batch_size * self.seq_len
 
         model.fused_loss = self.cfg.fused_loss  # read by the transformer family's forward
-        wrapped = distributed.wrap_model(model, ctx, self.cfg.fsdp)
+        cfg = self.cfg
+        wrapped = distributed.wrap_model(model, ctx, cfg.fsdp, bucket_cap_mb=cfg.ddp_bucket_cap_mb,
+                                         reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                                         param_dtype=distributed.resolve_dtype(cfg.fsdp_param_dtype, self.device),
+                                         reduce_dtype=distributed.resolve_dtype(cfg.fsdp_reduce_dtype, self.device))
         self.ddp_module = wrapped if wrapped is not model else None
         # FSDP2 shards in place, so the optimizer is built after wrapping, on the sharded parameters
         self.optimizer = build_optimizer(model, self.cfg, self.device)
@@ -428,7 +432,7 @@ class Trainer:
                     self.step += 1
                     self.tokens_seen += self.tokens_per_step
                     bar.update(1)
-                    self._emit("step", {"step": self.step})
+                    self._emit("step", {"step": self.step, "output": out})
 
                     last_step = self.step == cfg.max_steps
                     stopping = self._stop_signal is not None
