@@ -480,6 +480,8 @@ def part_7b(cfg: dict[str, Any], device: torch.device, report: dict[str, Any], w
         for name, arch_cfg, runs, mmap_runs in (("thl-7b", cfg["thl7b"], cfg["thl7b_runs"], cfg["thl7b_mmap_runs"]),
                                                 ("standard-7b", cfg["std7b"], cfg["std7b_runs"],
                                                  cfg["std7b_mmap_runs"])):
+            if name not in cfg["models7b"]:
+                continue
             t0 = time.perf_counter()
             with parameters_on_meta():
                 model = dynlm.build_model(model_config(dict(arch_cfg)))
@@ -539,8 +541,9 @@ def rows_7b(engine: LayeredEngine, name: str, source: str, runs: list[tuple[int,
             if time.perf_counter() > deadline:
                 raise TimeoutError("skipped: the time given to these rows is spent")
             # the state's allocated bytes (a pre-allocated KV cache in full); weights get the rest
-            engine.fit_to_cap(cap, model.init_state(batch, device="meta", dtype=dtype,
-                                                    max_length=context + new_tokens + 2), headroom_7b(cfg, batch))
+            state = model.init_state(batch, device="meta", dtype=dtype, max_length=context + new_tokens + 2)
+            row["headroom_bytes"] = headroom_7b(cfg, batch, state)
+            engine.fit_to_cap(cap, state, row["headroom_bytes"])
             stats = engine.stats()
             row.update({"pieces": stats["pieces"], "slots": stats["slots"], "slot_bytes": stats["slot_bytes"]})
             row.update(layered_decode(engine, model, batch, context, new_tokens, model.config.vocab_size,
@@ -554,10 +557,16 @@ def rows_7b(engine: LayeredEngine, name: str, source: str, runs: list[tuple[int,
         write_report(report)
 
 
-def headroom_7b(cfg: dict[str, Any], batch: int) -> int:
-    """Bytes kept free for activations: a fixed part and a part per row (at batch 8 THL-7B's step
-    asked for 344 MiB more than a flat 512 MiB left)."""
-    return cfg["headroom7b"] + batch * cfg["headroom7b_per_row"]
+def headroom_7b(cfg: dict[str, Any], batch: int, state: Any) -> int:
+    """Bytes kept free for activations: a fixed part, a part per row, and for a recurrent state
+    (not a KV cache, which is written in place) two more copies of it: a step builds the new
+    state (THL's bank: decayed, then written) while the old one is alive. At batch 8 THL-7B
+    asked for 344 MiB past a flat 512 MiB and past 960 MiB without the copies."""
+    from dynlm.infer.layered import state_capacity_bytes
+    from dynlm.nn.cache import KVCache
+
+    copies = 0 if isinstance(state, KVCache) else 2 * state_capacity_bytes(state)
+    return cfg["headroom7b"] + batch * cfg["headroom7b_per_row"] + copies
 
 
 def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
@@ -589,7 +598,7 @@ def part_budget(cfg: dict[str, Any], report: dict[str, Any]) -> None:
             state = model.init_state(batch, device="meta", dtype=torch.bfloat16,
                                      max_length=context + cfg["new7b"] + 2)
             allocated, counted = state_capacity_bytes(state), model.state_nbytes(state)
-            headroom = headroom_7b(cfg, batch)
+            headroom = headroom_7b(cfg, batch, state)
             row = {"batch": batch, "context": context, "state_allocated_bytes": allocated,
                    "state_counted_by_first_run_bytes": counted,
                    "weight_budget_first_run": cap - resident - counted - headroom,
@@ -898,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="THL's step in the bpb and recall parts; auto: the fastest of the speed part "
                              "(the compiled step when that part did not run)")
     parser.add_argument("--name", default="gpu_thl_items", help="stem of the results files (.json, .md)")
+    parser.add_argument("--models-7b", default="thl-7b,standard-7b", help="the models of the 7b part")
     parser.add_argument("--bpb-seconds", type=float, default=None, help="about how long THL trains in bpb")
     parser.add_argument("--recall-seconds", type=float, default=None, help="how long THL trains in recall")
     parser.add_argument("--bpb-batch", type=int, default=None, help="sequences per step in bpb (both models)")
@@ -926,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(dynamo_config, limit, 64)
     commit = provenance.commit(args.commit or os.environ.get("BENCH_COMMIT"))
     cfg = configs(args.smoke)
+    cfg["models7b"] = [m.strip() for m in args.models_7b.split(",")]
     if args.bpb_seconds is not None:
         cfg["bpb_seconds"] = args.bpb_seconds
     if args.recall_seconds is not None:
@@ -1113,7 +1124,8 @@ def markdown(r: dict[str, Any]) -> str:
                   f"whole process (`torch.cuda.set_per_process_memory_fraction`); the engine's weight budget is the "
                   f"cap minus the resident weights, the state (KV cache or THL state) and "
                   f"{s7['headroom_bytes'] / 2**20:.0f} MiB of headroom for activations"
-                  + (f" plus {s7['headroom_bytes_per_row'] / 2**20:.0f} MiB per batch row"
+                  + (f" plus {s7['headroom_bytes_per_row'] / 2**20:.0f} MiB per batch row and, for a recurrent "
+                     "state (THL), two copies of the state (a step builds the new one beside the old)"
                      if s7.get("headroom_bytes_per_row") else "") + ".", ""]
         for m in s7.get("models", []):
             floor = m.get("floor_tokens_per_s_batch1")
