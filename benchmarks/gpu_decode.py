@@ -2,8 +2,9 @@
 cache, the peer, same weights), optionally `transformers` with its static cache (which `generate`
 compiles itself), dynlm eager (the reference path), dynlm with CUDA graphs (length-bucketed
 attention, the default), and dynlm graphs over an inductor-compiled step with each decode-step
-attention kernel (`GraphDecoder(decode_attention=...)`: "sdpa" the reference, "split", "flex",
-"math"; see src/dynlm/nn/decode_attention.py).
+attention kernel (`GraphDecoder(decode_attention=...)`: "sdpa" the reference, "split",
+"math"; see src/dynlm/nn/decode_attention.py; a "flex" column in older results was FlexAttention,
+since taken out).
 
 Random weights in bf16, greedy, prompts of random tokens that differ in every row. Rows: the
 Qwen2.5-0.5B shape at batch 1 and 8, context 4,096 and 128, and the gpt2-small-like preset at
@@ -213,7 +214,7 @@ def parse_rows(text: str) -> list[tuple[str, int, int]]:
 DEFAULT_ROWS = "qwen2.5-0.5b:1x4096,qwen2.5-0.5b:8x4096,gpt2-small-like:1x128,qwen2.5-0.5b:1x128,qwen2.5-0.5b:8x128"
 SMOKE_ROWS = "standard-tiny:1x16,standard-tiny:4x40,mod-tiny:1x16"
 KERNEL_PARTS = {"sdpa": "dynlm_graphs_compile", "split": "dynlm_graphs_compile_split",
-                "flex": "dynlm_graphs_compile_flex", "math": "dynlm_graphs_compile_math"}
+                "math": "dynlm_graphs_compile_math"}
 
 
 def main() -> None:
@@ -224,7 +225,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no part after this many seconds")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled variants")
     parser.add_argument("--rows", help=f"preset:BATCHxCONTEXT,... in order of importance (default {DEFAULT_ROWS})")
-    parser.add_argument("--kernels", default="sdpa,split,flex,math",
+    parser.add_argument("--kernels", default="sdpa,split,math",
                         help="decode attention kernels of the compiled step, in order of importance")
     parser.add_argument("--split-chunk", type=int, default=decode_kernels.SPLIT_CHUNK,
                         help="keys per chunk of the split kernel")
@@ -360,7 +361,6 @@ COLUMNS = [("hf_generate", "transformers generate"), ("hf_static", "transformers
            ("dynlm_eager", "dynlm eager"), ("dynlm_graphs", "dynlm graphs"),
            ("dynlm_graphs_compile", "dynlm graphs + compile, sdpa attention"),
            ("dynlm_graphs_compile_split", "dynlm graphs + compile, split attention"),
-           ("dynlm_graphs_compile_flex", "dynlm graphs + compile, flex attention"),
            ("dynlm_graphs_compile_math", "dynlm graphs + compile, math attention")]
 
 

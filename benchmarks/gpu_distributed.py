@@ -255,9 +255,15 @@ def run_config(model: str, variant: str, args: argparse.Namespace, work: Path) -
 
 
 def launch_groups(wanted: list[tuple[str, str]]) -> list[tuple[int, list[tuple[str, str]]]]:
-    """(processes, runs) per torchrun launch: every 1-process run (the baselines), then every
-    2-process run, each in the order asked for."""
-    groups = [(n, [r for r in wanted if VARIANTS[r[1]].processes == n]) for n in (1, 2)]
+    """(processes, runs) per torchrun launch: every 1-process run (the baselines), then the
+    2-process DDP runs, then the 2-process FSDP2 runs, each in the order asked for. DDP and FSDP2
+    get launches of their own: on the H200s both processes aborted (SIGABRT) when one launch went
+    from its DDP runs to its first FSDP2 run, and took every later run with them."""
+    def engine(run: tuple[str, str]) -> str:
+        return "fsdp" if VARIANTS[run[1]].train.get("fsdp") else "ddp"
+
+    groups = [(1, [r for r in wanted if VARIANTS[r[1]].processes == 1])]
+    groups += [(2, [r for r in wanted if VARIANTS[r[1]].processes == 2 and engine(r) == e]) for e in ("ddp", "fsdp")]
     return [(n, runs) for n, runs in groups if runs]
 
 

@@ -1,4 +1,4 @@
-"""Decode-step attention kernels ("math", "split", "flex") against the reference, SDPA through
+"""Decode-step attention kernels ("math", "split") against the reference, SDPA through
 `grouped_query_attention`, on the masks a static cache produces: partly filled slots, a ring
 (sliding window), invalid keys of routed layers; batch rows with their own keys; G = 3 and 1."""
 
@@ -91,10 +91,10 @@ def test_split_kernel_splits_and_merges():
 
 def test_unknown_decode_kernel_is_refused():
     q, k, v = _inputs(1, torch.float32)
-    with pytest.raises(ValueError, match="decode attention kernel 'fast' is not one of math, split, flex"):
+    with pytest.raises(ValueError, match="decode attention kernel 'fast' is not one of math, split"):
         kernels.decode_attention(q, k, v, None, "fast")
     model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
-    with pytest.raises(ValueError, match="decode attention 'fast' is not one of sdpa, math, split, flex"):
+    with pytest.raises(ValueError, match="decode attention 'fast' is not one of auto, sdpa, math, split"):
         graphs.GraphDecoder(model, decode_attention="fast")
 
 

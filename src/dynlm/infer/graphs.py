@@ -29,10 +29,12 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
   compiled with inductor first and the compiled step is what the graph captures, so a replay
   runs fused kernels (RMSNorm, RoPE, residuals, the mask and softmax) instead of ~55 small ones a
   layer. Each graph shape compiles once (tens of seconds for a 24-layer model).
-- `decode_attention` (one of `DECODE_KERNELS`): the attention of a one-token step over the
-  static cache. "sdpa" is the reference (`grouped_query_attention`: B x Hkv thread blocks walk
-  the keys); "math", "split" and "flex" spread the keys over the GPU (`nn/decode_attention.py`),
-  which matters at long contexts; they are fused kernels only under `compile`.
+- `decode_attention` ("auto" or one of `DECODE_KERNELS`): the attention of a one-token step over
+  the static cache. "sdpa" is the reference (`grouped_query_attention`: B x Hkv thread blocks walk
+  the keys); "math" and "split" spread the keys over the GPU (`nn/decode_attention.py`), which
+  matters at long contexts; they are fused kernels only under `compile`. "auto" takes what was
+  measured fastest on an H200 (`default_decode_kernel`): without `compile` "sdpa"; with it
+  "split" at batch 1 and "math" above.
 - The eager path (`model(ids, state=...)` with the growable cache) is the reference: greedy
   decoding gives the same tokens (`tests/test_gpu_graphs.py`).
 """
@@ -54,7 +56,18 @@ CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengt
 MAX_SESSIONS = 4  # idle static caches (and their graphs) kept per model; the oldest is dropped first
 MIN_ATTEND = 256  # the smallest length bucket a step attends over
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # modes that leave graph capture to us
-DECODE_ATTENTION = "sdpa"  # the decode-step attention kernel by default (see the module doc)
+DECODE_ATTENTION = "auto"  # the decode-step attention kernel by default (see `default_decode_kernel`)
+
+
+def default_decode_kernel(compiled: bool, batch_bucket: int) -> str:
+    """The decode attention "auto" picks, from one H200 run (benchmarks/results/
+    gpu_decode_kernels_h200.md, Qwen2.5-0.5B shape, compiled step in our graph): at 4K keys, batch
+    1, "split" 723.6 tokens/s against "sdpa" 134.7; at batch 8, "math" 4,473.5 against 1,116.7 (its
+    split row did not fit the run's time; alone, per layer, math took 18.9 us and split 26.3). Not
+    compiled, math and split are a dozen small kernels each, not measured against SDPA's one."""
+    if not compiled:
+        return "sdpa"
+    return "split" if batch_bucket == 1 else "math"
 
 
 def supports_static_cache(model: torch.nn.Module) -> bool:
@@ -139,8 +152,8 @@ class GraphDecoder:
         if compile is not None and compile not in COMPILE_MODES:
             raise ValueError(f"compile mode {compile!r} is not one of {', '.join(COMPILE_MODES)} (the modes that "
                              "leave CUDA graphs to this decoder)")
-        if decode_attention not in DECODE_KERNELS:
-            raise ValueError(f"decode attention {decode_attention!r} is not one of {', '.join(DECODE_KERNELS)}")
+        if decode_attention != "auto" and decode_attention not in DECODE_KERNELS:
+            raise ValueError(f"decode attention {decode_attention!r} is not one of auto, {', '.join(DECODE_KERNELS)}")
         self.decode_attention = decode_attention
         self._model = weakref.ref(model)  # the per-model cache below must not keep the model alive
         self.prefill_chunk = prefill_chunk
@@ -204,8 +217,11 @@ class GraphDecoder:
             device = self.model.model.embed_tokens.weight.device  # an int8 head has no .weight
             state = static_state(self.model, bucket, capacity)
             state.caller_advances_counters = self.compile is not None  # see `step`
+            kernel = self.decode_attention
+            if kernel == "auto":
+                kernel = default_decode_kernel(self.compile is not None, bucket)
             for layer in state.layers:
-                layer.decode_kernel = self.decode_attention
+                layer.decode_kernel = kernel
             session = _Session(state, torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
             self.sessions.append(session)
         else:  # most recently used last
