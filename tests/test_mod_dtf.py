@@ -252,7 +252,7 @@ def test_gather_training_path_equals_masked_cache_path(variant: str) -> None:
 def naive_run_selected(block, x, idx, weight, cos, sin):
     """The routed block by the definition, one row at a time with plain indexing: the row's
     selected tokens alone through the block (RoPE at their positions), the scaled update added
-    at those positions. The reference of `gather_routed_update`'s flattened index_select/index_add."""
+    at those positions. The reference of `gather_routed_update` (gather, block, scatter_add)."""
     rows = []
     for row in range(x.shape[0]):
         pos = idx[row]

@@ -40,7 +40,7 @@ from dynlm.errors import ConfigError
 from dynlm.models.routed import RoutedTransformerLM
 from dynlm.models.standard import DecoderLayer
 from dynlm.nn import KVCache, RMSNorm, SwiGLU
-from dynlm.nn.routing import CausalRouter, causal_moving_average
+from dynlm.nn.routing import CausalRouter, binary_entropy, causal_moving_average
 from dynlm.registry import register
 
 # Initial values of the gate's learnable scalars: the seed repository's config and the paper's.
@@ -196,7 +196,7 @@ class DTFModel(RoutedTransformerLM):
                                     None if state is None else state.layers[i + 1])
         if not stats:
             return x, prior_loss, stats, None
-        stats["probability"] = gate.detach()
+        stats["entropy"] = binary_entropy(gate.detach()).mean()
         ce_driven = (s_ce >= s_cu) & mask
         surprise = torch.stack([d_st.mean(), d_ch.mean(), s_ce.detach().mean(), s_cu.detach().mean(),
                                 gate.detach().mean(), ce_driven.sum() / mask.sum().clamp(min=1)])

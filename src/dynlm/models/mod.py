@@ -29,7 +29,7 @@ from dynlm.errors import ConfigError
 from dynlm.models.routed import RoutedTransformerLM
 from dynlm.models.standard import DecoderLayer
 from dynlm.nn import KVCache, LayerKVCache
-from dynlm.nn.routing import CausalRouter
+from dynlm.nn.routing import CausalRouter, binary_entropy
 from dynlm.registry import register
 
 CAUSAL_ROUTERS = ("aux_bce", "predictor")
@@ -111,7 +111,7 @@ class ModModel(RoutedTransformerLM):
         causal_logits = logits if layer.causal_router is None else layer.causal_router(x)
         x, _, stats = self.route(i, layer, x, logits, weight, causal_logits, c.mod_capacity, cos, sin, cache)
         if stats:
-            stats["probability"] = (weight if c.router_scale == "sigmoid" else torch.sigmoid(logits)).detach()
+            stats["entropy"] = binary_entropy(torch.sigmoid(logits.detach())).mean()
         return x, stats
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

@@ -33,7 +33,6 @@ from dynlm.models.standard import DecoderLayer, TransformerLM
 from dynlm.nn import KVCache, LayerKVCache
 from dynlm.nn.routing import (
     RoutedBlock,
-    binary_entropy,
     capacity_k,
     gather_routed_update,
     indices_to_mask,
@@ -103,13 +102,13 @@ class RoutedTransformerLM(TransformerLM):
         """Run routed `block` on x [B, T, C]: the tokens chosen by top-k of `scores` [B, T] (top-k
         routing), by `causal_logits` [B, T] > 0 (causal routing) or by a fixed mask; each chosen
         token's update is scaled by `weight` [B, T]. Returns the new x, the mask of processed
-        tokens [B, T], and what `routing_extras` computes the statistics from (the causal logits,
-        the top-k mask, the mask used); nothing when decoding. The statistics of all routed layers
-        are computed together once per forward, not a dozen small ops per layer."""
+        tokens [B, T], and statistics: detached means plus the causal router's BCE against the
+        top-k mask ("router_bce", with gradient); none when decoding."""
         b, t = scores.shape
         mode = self.routing_mode()
         decoding = t == 1 and not self.training  # one new token per row: no statistics, no top-k needed
         fixed = None if self._fixed_masks is None else self._fixed_masks.get(layer_idx)
+        causal_mask = causal_logits > 0
         if not decoding or mode == "topk":
             topk_idx = self.select(scores, capacity_k(capacity, t))
             topk_mask = indices_to_mask(topk_idx, t)
@@ -123,7 +122,7 @@ class RoutedTransformerLM(TransformerLM):
         elif mode == "topk":
             mask, idx = topk_mask, (topk_idx if cache is None else None)
         else:
-            mask, idx = causal_logits > 0, None
+            mask, idx = causal_mask, None
 
         if idx is not None:
             x = self.run_selected(block, x, idx, weight, cos, sin)
@@ -138,7 +137,11 @@ class RoutedTransformerLM(TransformerLM):
         self.last_routing_masks[layer_idx] = mask.detach()
         if decoding:
             return x, mask, {}
-        return x, mask, {"causal_logits": causal_logits, "topk_mask": topk_mask, "mask": mask.detach()}
+        stats = {"router_bce": router_bce(causal_logits, topk_mask),
+                 "frac": mask.float().mean().detach(),
+                 "causal_acc": (causal_mask == topk_mask).float().mean().detach(),
+                 "causal_frac": causal_mask.float().mean().detach()}
+        return x, mask, stats
 
     # -- capacities, FLOPs, reports ---------------------------------------------------------------
     @property
@@ -200,28 +203,17 @@ class RoutedTransformerLM(TransformerLM):
     def routing_extras(layer_stats: dict[int, dict[str, torch.Tensor]], router_loss_weight: float,
                        extra_aux: torch.Tensor | None = None,
                        extra_metrics: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Aux loss (weighted causal-router BCE against the top-k masks + `extra_aux`) and metrics
-        as detached scalar tensors, from each routed layer's `route` output plus "probability"
-        [B, T] (its selection probability, for the entropy); all layers in one batch of ops.
-        Nothing is read from the device here (the trainer reads the metrics when it logs). Empty
-        when nothing was routed with statistics (decoding)."""
+        """Aux loss (weighted mean causal-router BCE + `extra_aux`) and metrics as detached scalar
+        tensors: nothing is read from the device here (the trainer reads them when it logs).
+        Empty when nothing was routed with statistics (decoding)."""
         if not layer_stats:
             return {}
-
-        def stacked(key: str) -> torch.Tensor:  # [L, B, T]; every routed layer sees the same [B, T]
-            return torch.stack([s[key] for s in layer_stats.values()])
-
-        causal_logits, topk_mask = stacked("causal_logits"), stacked("topk_mask")
-        bce = router_bce(causal_logits, topk_mask)  # the mean over layers of each layer's BCE
+        bce = torch.stack([s["router_bce"] for s in layer_stats.values()]).mean()
         aux = router_loss_weight * bce if extra_aux is None else router_loss_weight * bce + extra_aux
-        causal_mask = causal_logits.detach() > 0
-        fractions = stacked("mask").float().mean((1, 2))  # [L]
-        metrics: dict[str, torch.Tensor] = {
-            "route/router_bce": bce, "route/frac": fractions.mean(),
-            "route/causal_acc": (causal_mask == topk_mask).float().mean(),
-            "route/causal_frac": causal_mask.float().mean(),
-            "route/entropy": binary_entropy(stacked("probability")).mean()}
-        for fraction, i in zip(fractions.unbind(), layer_stats):
-            metrics[f"route/frac_L{i}"] = fraction
+        metrics: dict[str, torch.Tensor] = {"route/router_bce": bce}
+        for key in ("frac", "causal_acc", "causal_frac", "entropy"):
+            metrics[f"route/{key}"] = torch.stack([s[key] for s in layer_stats.values()]).mean()
+        for i, s in layer_stats.items():
+            metrics[f"route/frac_L{i}"] = s["frac"]
         metrics.update(extra_metrics or {})
         return {"aux_loss": aux, "metrics": {key: value.detach().float() for key, value in metrics.items()}}

@@ -51,13 +51,6 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
-def flat_row_indices(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """positions [B, k] in rows of `seq_len` -> indices [B * k] into the rows flattened to
-    [B * seq_len]: row b's position p is b * seq_len + p, so a token never leaves its row."""
-    rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(-1) * seq_len  # [B, 1]
-    return (idx + rows).reshape(-1)
-
-
 def indices_to_mask(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     """positions [B, k] -> boolean mask [B, T]."""
     mask = torch.zeros(idx.shape[0], seq_len, dtype=torch.bool, device=idx.device)
@@ -77,39 +70,28 @@ def uniform_count(mask: torch.Tensor) -> int | None:
 # Execution
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, ...] , idx [B, k] -> [B, k, ...]: whole rows of the flattened batch copied by
-    `index_select` (one index per token, not one per element; its backward is `index_add`).
-    `flat` = `flat_row_indices(idx, T)` when the caller has it."""
-    b, t = x.shape[:2]
-    flat = flat_row_indices(idx, t) if flat is None else flat
-    return x.reshape(b * t, *x.shape[2:]).index_select(0, flat).view(*idx.shape, *x.shape[2:])
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] , idx [B, k] -> [B, k, ...]."""
+    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
 
 
-def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor,
-                       flat: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, C] with update [B, k, C] added at positions idx [B, k] (out of place; a row's
-    positions are distinct, so each element receives at most one addition)."""
-    b, t, c = x.shape
-    flat = flat_row_indices(idx, t) if flat is None else flat
-    return x.reshape(b * t, c).index_add(0, flat, update.reshape(-1, c).to(x.dtype)).view(b, t, c)
+def scatter_add_tokens(x: torch.Tensor, idx: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C] with update [B, k, C] added at positions idx [B, k] (out of place)."""
+    return x.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), update.to(x.dtype))
 
 
 def gather_routed_update(block: RoutedBlock, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x_i + weight_i * f(X~)_i for the selected positions idx [B, k] (sorted by position), x_i for
-    the others. f runs on the [B, k] subset only: a short causal sequence per row (SDPA's
-    `is_causal` path, no mask tensor), RoPE at the tokens' true positions (cos/sin [T, D] or
-    [B, T, D]), no K/V cache. Static shapes and no host sync, so it compiles to one graph."""
-    flat = flat_row_indices(idx, x.shape[1])  # [B*k]
-    x_sel = gather_tokens(x, idx, flat)  # [B, k, C]
-    if cos.dim() == 2:  # positions shared by the rows: look the selected ones up in the [T, D] table
-        cos_sel, sin_sel = cos[idx], sin[idx]  # [B, k, D]
-    else:
-        cos_sel, sin_sel = gather_tokens(cos, idx, flat), gather_tokens(sin, idx, flat)
+    the others. f runs on the [B, k] subset only: causal attention among the selected tokens of
+    each row, RoPE at their true positions (cos/sin [T, D] or [B, T, D]), no K/V cache."""
+    x_sel = gather_tokens(x, idx)  # [B, k, C]
+    cos_sel = cos[idx] if cos.dim() == 2 else gather_tokens(cos, idx)  # [B, k, D]
+    sin_sel = sin[idx] if sin.dim() == 2 else gather_tokens(sin, idx)
     update = block(x_sel, cos_sel, sin_sel)  # [B, k, C]
-    w_sel = weight.reshape(-1).index_select(0, flat).view(*idx.shape, 1)  # [B, k, 1]
-    return scatter_add_tokens(x, idx, w_sel * update, flat)
+    w_sel = weight.gather(1, idx).unsqueeze(-1)  # [B, k, 1]
+    return scatter_add_tokens(x, idx, w_sel * update)
 
 
 def skip_block(cache: LayerKVCache, batch_size: int, seq_len: int, num_kv_heads: int, head_dim: int,
