@@ -54,6 +54,36 @@ def test_fifo_attention_matches_reference_whole_and_streamed():
     assert whole[:, 0].abs().max() == 0  # nothing before the first token
 
 
+@pytest.mark.parametrize("start", [0, 2, 50])
+@pytest.mark.parametrize("t", [6, 17])
+def test_fifo_attention_in_blocks_equals_all_keys_at_once(start, t, monkeypatch):
+    """A piece longer than the window is attended in blocks of W queries (O(T*W)); the result and
+    the gradients equal scoring all W + T keys at once (the form pieces of at most W tokens use),
+    from any start position, with a FIFO of real earlier inputs."""
+    torch.manual_seed(0)
+    attn = FifoAttention(8, 4, 8, window=5).double()
+    x = torch.randn(2, t, 8, dtype=torch.float64, requires_grad=True)
+    fifo = torch.randn(2, 5, 8, dtype=torch.float64)
+    fifo[:, : max(0, 5 - start)] = 0  # entries before position 0 are zeros
+    position = torch.tensor(start)
+    calls = []
+    monkeypatch.setattr(attn, "_blocked", lambda *args: calls.append(1) or FifoAttention._blocked(attn, *args))
+    blocked, _ = attn(x, fifo, position)
+    assert calls == [1]  # t > W: the blocked form ran
+    keys_in = torch.cat([fifo, x], dim=1)
+    q, k, v = attn.q_proj(x), attn.k_proj(keys_in), attn.v_proj(keys_in)
+    query, key = torch.arange(t)[:, None], torch.arange(5 + t)[None, :]
+    mask = (key >= query) & (key < query + 5) & (key >= 5 - position)
+    whole = attn._attend(q, k, v, mask)
+    torch.testing.assert_close(blocked, whole)
+    grads = torch.autograd.grad(blocked.square().sum(), [x, *attn.parameters()])
+    ref_grads = torch.autograd.grad(whole.square().sum(), [x, *attn.parameters()])
+    for got, expected in zip(grads, ref_grads):  # scores and softmax run in fp32 whatever the input dtype
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    if start == 0:
+        assert blocked[:, 0].abs().max() == 0  # nothing before the first token
+
+
 @pytest.mark.parametrize("with_noise", [False, True])
 def test_sparse_read_matches_reference(with_noise):
     torch.manual_seed(0)

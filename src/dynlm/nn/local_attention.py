@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -34,15 +35,38 @@ class FifoAttention(nn.Module):
         q = self.q_proj(x)  # [B, T, Dq]
         k = self.k_proj(keys_in)  # [B, W+T, Dq]
         v = self.v_proj(keys_in)  # [B, W+T, Dv]
+        if t > w:
+            return self._blocked(q, k, v, position), keys_in[:, t:]
         query = torch.arange(t, device=x.device).unsqueeze(1)  # [T, 1]
         key = torch.arange(w + t, device=x.device).unsqueeze(0)  # [1, W+T]
         # key i holds position (position - W + i): before the query, within W of it, and >= 0
         mask = (key >= query) & (key < query + w) & (key >= w - position)  # [T, W+T]
-        scores = torch.einsum("btd,bsd->bts", q, k).float() / math.sqrt(q.shape[-1])
+        return self._attend(q, k, v, mask), keys_in[:, t:]
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [..., Tq, Dq] over k [..., Tk, Dq], v [..., Tk, Dv] where mask [..., Tq, Tk] allows."""
+        scores = torch.einsum("...td,...sd->...ts", q, k).float() / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key reads zeros
-        out = torch.einsum("bts,bsd->btd", weights.to(v.dtype), v)
-        return out, keys_in[:, t:]
+        return torch.einsum("...ts,...sd->...td", weights.to(v.dtype), v)
+
+    def _blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The same attention with queries in blocks of W: block m (queries m*W .. m*W+W-1) sees
+        keys m*W .. m*W+2W-1 of the W + T keys, the only ones within reach."""
+        b, t, _ = q.shape
+        w = self.window
+        n = -(-t // w)
+        pad = n * w - t  # padded queries (dropped) and keys (reached by padded queries only)
+        q_blocks = F.pad(q, (0, 0, 0, pad)).view(b, n, w, q.shape[-1])  # [B, N, W, Dq]
+        k_blocks = F.pad(k, (0, 0, 0, pad)).unfold(1, 2 * w, w).transpose(-1, -2)  # [B, N, 2W, Dq]
+        v_blocks = F.pad(v, (0, 0, 0, pad)).unfold(1, 2 * w, w).transpose(-1, -2)  # [B, N, 2W, Dv]
+        i = torch.arange(w, device=q.device)[:, None]  # query in its block
+        j = torch.arange(2 * w, device=q.device)[None, :]  # key in the block's reach
+        key = torch.arange(n, device=q.device)[:, None, None] * w + j  # [N, 1, 2W]: index into the W + T keys
+        mask = (j >= i) & (j < i + w) & (key >= w - position)  # [N, W, 2W], as the unblocked mask
+        out = self._attend(q_blocks, k_blocks, v_blocks, mask)  # [B, N, W, Dv]
+        return out.reshape(b, n * w, -1)[:, :t]
 
 
 def fifo_attention_reference(module: FifoAttention, x: torch.Tensor) -> torch.Tensor:
