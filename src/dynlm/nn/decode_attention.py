@@ -95,8 +95,8 @@ def split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      kernel: str) -> torch.Tensor:
-    """One query per row (q [B, H, 1, D]) over k, v [B, Hkv, Tk, D] with `kernel` "math",
-    or "split" ("sdpa" is the caller's reference path)."""
+    """One query per row (q [B, H, 1, D]) over k, v [B, Hkv, Tk, D] with `kernel` "math" or
+    "split" ("sdpa" is the caller's reference path)."""
     if kernel == "math":
         return math_decode_attention(q, k, v, mask)
     if kernel == "split":
