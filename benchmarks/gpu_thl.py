@@ -916,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps in bpb (both models); default: about --bpb-seconds of THL at the "
                              "speed part's measured speed, 30 when it did not run")
     parser.add_argument("--recall-batch", type=int, default=None, help="sequences per step in recall (both models)")
+    parser.add_argument("--recall-max-steps", type=int, default=None,
+                        help="at most this many training steps in recall (default 600; THL may stop earlier "
+                             "at --recall-seconds, and the standard model trains THL's steps)")
     parser.add_argument("--speed-batches", default=None,
                         help="comma-separated batch sizes of the speed part (default 16,64,256)")
     parser.add_argument("--speed-modes", default=None,
@@ -942,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["bpb_seconds"] = args.bpb_seconds
     if args.recall_seconds is not None:
         cfg["recall_seconds"] = args.recall_seconds
-    for key, value in (("bpb_batch", args.bpb_batch), ("recall_batch", args.recall_batch)):
+    for key, value in (("bpb_batch", args.bpb_batch), ("recall_batch", args.recall_batch),
+                       ("recall_max_steps", args.recall_max_steps)):
         if value is not None:
             if value < 1:
                 parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
