@@ -773,8 +773,16 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from dynlm.config import model_config
 
-    for name, arch in (("thl", thl), ("standard", std)):  # THL first: its time budget sets the steps
-        row: dict[str, Any] = {"model": name, "config": arch}
+    # THL first: its time budget sets the steps of the standard model's equal-steps row; the
+    # reference row trains the standard model for a fixed, larger number of steps (what the task
+    # takes to be learnt), so a model at chance can be told from a task that was never learnable
+    arms = [("thl", thl, None), ("standard", std, None)]
+    if cfg.get("recall_reference_steps"):
+        arms.append((f"standard, {cfg['recall_reference_steps']:,} steps", std, cfg["recall_reference_steps"]))
+    curve_every, curve_distance = cfg.get("recall_curve_every") or 0, min(cfg["recall_distances"])
+    section["curve_distance"] = curve_distance
+    for name, arch, fixed_steps in arms:
+        row: dict[str, Any] = {"model": name, "config": arch, "curve": []}
         try:
             torch.manual_seed(0)
             model = dynlm.build_model(model_config(dict(arch))).to(device).train()
@@ -783,8 +791,8 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
             step = TrainStep(wrapper, model, opt, device, dtype, clip=1.0)
             generator = torch.Generator().manual_seed(1)
             t = time.perf_counter()
-            limit = steps_done or cfg["recall_max_steps"]
-            done, loss = 0, None
+            limit = fixed_steps or steps_done or cfg["recall_max_steps"]
+            done, loss, curve_seconds = 0, None, 0.0
             while done < limit:
                 filler = int(torch.randint(cfg["recall_min_filler"], length - 4 * pairs + 1, (1,), generator=generator))
                 ids, mask = recall_batch(cfg["recall_batch"], pairs, filler, length, generator)
@@ -793,11 +801,20 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
                 done += 1
                 if done % 10 == 0:
                     sync(device)  # the time check below measures work done, not work queued
-                if steps_done is None and time.perf_counter() - t > cfg["recall_seconds"]:
+                if curve_every and done % curve_every == 0:  # scoring time is left out of train_seconds
+                    started = time.perf_counter()
+                    accuracy = recall_accuracy(model, device, cfg["recall_eval_batch"], pairs, curve_distance, seed=7)
+                    row["curve"].append([done, accuracy, float(loss)])
+                    curve_seconds += time.perf_counter() - started
+                    log(f"recall {name} step {done}: loss {float(loss):.3f}, "
+                        f"accuracy @ {curve_distance} {accuracy:.3f}")
+                if (fixed_steps is None and steps_done is None
+                        and time.perf_counter() - t - curve_seconds > cfg["recall_seconds"]):
                     break
             sync(device)
             steps_done = steps_done or done
-            row.update({"parameters": model.num_parameters(), "steps": done, "train_seconds": time.perf_counter() - t,
+            row.update({"parameters": model.num_parameters(), "steps": done,
+                        "train_seconds": time.perf_counter() - t - curve_seconds,
                         "final_loss": float(loss) if loss is not None else None, "accuracy": {}})
             for distance in cfg["recall_distances"]:
                 t = time.perf_counter()
@@ -916,6 +933,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="training steps in bpb (both models); default: about --bpb-seconds of THL at the "
                              "speed part's measured speed, 30 when it did not run")
     parser.add_argument("--recall-batch", type=int, default=None, help="sequences per step in recall (both models)")
+    parser.add_argument("--recall-reference-steps", type=int, default=None,
+                        help="also train the standard model this many steps (a reference row) in recall")
+    parser.add_argument("--recall-curve-every", type=int, default=None,
+                        help="score recall at the shortest distance every this many steps (a learning curve)")
     parser.add_argument("--recall-max-steps", type=int, default=None,
                         help="at most this many training steps in recall (default 600; THL may stop earlier "
                              "at --recall-seconds, and the standard model trains THL's steps)")
@@ -946,7 +967,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.recall_seconds is not None:
         cfg["recall_seconds"] = args.recall_seconds
     for key, value in (("bpb_batch", args.bpb_batch), ("recall_batch", args.recall_batch),
-                       ("recall_max_steps", args.recall_max_steps)):
+                       ("recall_max_steps", args.recall_max_steps),
+                       ("recall_reference_steps", args.recall_reference_steps),
+                       ("recall_curve_every", args.recall_curve_every)):
         if value is not None:
             if value < 1:
                 parser.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
@@ -1186,7 +1209,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "", f"Trained on sequences of {rec['train_seq_len']} tokens (filler up to "
                   f"{rec['train_seq_len'] - 4 * rec['pairs']}), batch {rec['batch']}, the same steps for both "
                   "(THL's time budget set them); loss on the recalled values only. Accuracy = recalled values "
-                  "predicted exactly, after N filler tokens between the pairs and the queries. THL's step: "
+                  "predicted exactly, after N filler tokens between the pairs and the queries (a row named with its "
+                  "steps trained the standard model that many steps, as a reference). THL's step: "
                   f"{rec.get('thl_step') or 'eager'}.", "",
                   "| model | params | steps | train s | " + " | ".join(f"N={d:,}" for d in dist) + " |",
                   "|---|---|---|---|" + "---|" * len(dist)]
@@ -1197,6 +1221,12 @@ def markdown(r: dict[str, Any]) -> str:
             acc = " | ".join(f"{e['accuracy'].get(str(d), float('nan')):.3f}" for d in dist)
             lines.append(f"| {e['model']} | {e['parameters'] / 1e6:.2f}M | {e['steps']} | {e['train_seconds']:.0f} | "
                          f"{acc} |")
+        curves = [e for e in rec["rows"] if e.get("curve")]
+        if curves:
+            lines += ["", f"Learning curves (accuracy at N={rec.get('curve_distance', min(dist)):,} during training; "
+                      "step: accuracy):", ""]
+            lines += [f"- {e['model']}: " + ", ".join(f"{step}: {acc:.3f}" for step, acc, _ in e["curve"])
+                      for e in curves]
         lines += ["", "Distances beyond the training length test extrapolation for both; the standard model's "
                   "positions reach further than it was trained on."]
     return "\n".join(lines)
