@@ -3,7 +3,8 @@
 Per optimizer step: `grad_accum` micro-batches forward (bf16 autocast on CUDA) and backward, the
 model's auxiliary losses added to the cross-entropy (and logged apart), the global gradient norm
 clipped, and fused AdamW. A step whose gradient norm is not finite is skipped on the device (the
-fused optimizer's `found_inf`), so the loop never waits for the GPU except to log; the skipped
+fused optimizer's `found_inf`; FSDP2's sharded steps check on the host, see `TrainStep`), so the
+loop never waits for the GPU except to log; the skipped
 steps are counted and the run stops with a clear message after `max_nan_steps` in a row.
 
 A recurrent model that sets `bptt_chunk` is trained with truncated BPTT (each micro-batch fed in
@@ -100,9 +101,12 @@ class TrainStep:
         self.device, self.dtype, self.clip = device, dtype, clip
         self.sync_module = ddp_module if ddp_module is not None else model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol); with
-        # FSDP2's sharded (DTensor) parameters too, so neither DDP nor FSDP2 waits for the device
-        self.skip_on_device = bool(optimizer.defaults.get("fused"))
+        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol), so the
+        # loop does not wait for the device. Not for FSDP2's sharded (DTensor) parameters: with
+        # `found_inf` and `grad_scale` the fused update hit an illegal memory access on CUDA
+        # (H200, torch 2.11; fine on CPU), so a sharded step clips as before and reads the norm
+        sharded = any(hasattr(p, "full_tensor") for p in self.params)
+        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not sharded
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> StepOutput:
         n = len(batches)
