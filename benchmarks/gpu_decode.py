@@ -3,8 +3,10 @@ cache, the peer, same weights), optionally `transformers` with its static cache 
 compiles itself), dynlm eager (the reference path), dynlm with CUDA graphs (length-bucketed
 attention, the default), and dynlm graphs over an inductor-compiled step with each decode-step
 attention kernel (`GraphDecoder(decode_attention=...)`: "sdpa" the reference, "split",
-"math"; see src/dynlm/nn/decode_attention.py; a "flex" column in older results was FlexAttention,
-since taken out).
+"math", "auto" the decoder's default pick; see src/dynlm/nn/decode_attention.py; a "flex" column in
+older results was FlexAttention, since taken out). The compiled step projects q|k|v and gate|up
+through fused weights (`nn/fusion.py`, the compiled decoder's default); `--compare-fusion` also
+runs each compiled variant unfused, right after it, as a column of its own.
 
 Random weights in bf16, greedy, prompts of random tokens that differ in every row. Rows: the
 Qwen2.5-0.5B shape at batch 1 and 8, context 4,096 and 128, and the gpt2-small-like preset at
@@ -21,6 +23,8 @@ the results files are rewritten after every part.
     python benchmarks/gpu_decode.py --out $OUT          # on the GPU: at most ~5 minutes
     python benchmarks/gpu_decode.py --out $OUT --rows gpt2-small-like:1x128,qwen2.5-0.5b:1x128 --no-attention-alone
     python benchmarks/gpu_decode.py --smoke             # tiny shapes on any device: checks that it runs
+    python benchmarks/gpu_decode.py --out $OUT --rows qwen2.5-0.5b:1x128 --kernels auto --compare-fusion \
+        --no-attention-alone
 """
 
 from __future__ import annotations
@@ -61,12 +65,15 @@ def distinct_prompts(batch: int, length: int, vocab: int, device: str) -> torch.
 
 
 def ours(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, graphs: bool,
-         compile: str | None = None, compile_backend: str = "inductor", kernel: str = "sdpa") -> dict[str, Any]:
+         compile: str | None = None, compile_backend: str = "inductor", kernel: str = "sdpa",
+         fuse_projections: bool | None = None) -> dict[str, Any]:
     """Greedy decoding with dynlm; times the prefill and the decode loop separately. The sampled
-    token is fed back on the device: no host sync inside the loop."""
+    token is fed back on the device: no host sync inside the loop. `fuse_projections` None: the
+    decoder's default (fused when compiled)."""
     decoder = None
     if graphs:
-        decoder = GraphDecoder(model, compile=compile, compile_backend=compile_backend, decode_attention=kernel)
+        decoder = GraphDecoder(model, compile=compile, compile_backend=compile_backend, decode_attention=kernel,
+                               fuse_projections=fuse_projections)
 
     def run() -> tuple[float, float, torch.Tensor]:
         sync()
@@ -214,7 +221,9 @@ def parse_rows(text: str) -> list[tuple[str, int, int]]:
 DEFAULT_ROWS = "qwen2.5-0.5b:1x4096,qwen2.5-0.5b:8x4096,gpt2-small-like:1x128,qwen2.5-0.5b:1x128,qwen2.5-0.5b:8x128"
 SMOKE_ROWS = "standard-tiny:1x16,standard-tiny:4x40,mod-tiny:1x16"
 KERNEL_PARTS = {"sdpa": "dynlm_graphs_compile", "split": "dynlm_graphs_compile_split",
-                "math": "dynlm_graphs_compile_math"}
+                "math": "dynlm_graphs_compile_math", "auto": "dynlm_graphs_compile_auto"}
+ALONE_KERNELS = [k for k in KERNEL_PARTS if k != "auto"]  # "auto" is the decoder's pick, not a kernel
+UNFUSED = "_unfused"  # suffix of a compiled part run with `fuse_projections=False`
 
 
 def main() -> None:
@@ -232,6 +241,8 @@ def main() -> None:
     parser.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes, any device")
     parser.add_argument("--no-attention-alone", dest="attention_alone", action="store_false",
                         help="skip the attention-alone table")
+    parser.add_argument("--compare-fusion", action="store_true",
+                        help="also each compiled variant with unfused q/k/v and gate/up projections")
     parser.add_argument("--hf-static", action="store_true", help="also transformers' static cache (after the rest)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -258,7 +269,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "commit": commit, "dtype": str(dtype),
               "compile_mode": args.compile_mode, "compile_backend": compile_backend, "budget_s": args.budget_s,
-              "split_chunk": args.split_chunk, "kernels": kernels,
+              "split_chunk": args.split_chunk, "kernels": kernels, "compare_fusion": args.compare_fusion,
               "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     print(f"commit {commit}, device {result['device']}", flush=True)
     try:
@@ -322,22 +333,25 @@ def main() -> None:
             part(row, "hf_generate", hf, peer, prompts, new_tokens, static=False)
     for row in rows if args.attention_alone else []:  # each kernel alone at each row's shape: seconds each
         model, _ = load(row["model"])
-        for kernel in kernels:
+        for kernel in [k for k in kernels if k in ALONE_KERNELS]:
             part(row, f"attention_{kernel}", attention_only, model.config, row["batch"], row["context"], new_tokens,
                  kernel, device, dtype, compile_backend)
     # then the compiled step (~30 s of compilation each): first, row by row, the reference kernel
     # and the kernel fastest alone at that shape; then the other kernels
     first_round, second_round = [], []
     for row in rows:
-        alone = {k: row.get(f"attention_{k}", {}).get("us_per_call", float("inf")) for k in kernels}
-        ranked = sorted([k for k in kernels if k != "sdpa"], key=alone.get)  # stable: --kernels order on ties
+        alone = {k: row.get(f"attention_{k}", {}).get("us_per_call", float("inf")) for k in kernels if k != "auto"}
+        # stable: --kernels order on ties
+        ranked = sorted([k for k in kernels if k != "sdpa"], key=lambda k: alone.get(k, float("inf")))
         head = (["sdpa"] if "sdpa" in kernels else []) + ranked[:1]
         first_round += [(row, k) for k in head]
         second_round += [(row, k) for k in kernels if k not in head]
     for row, kernel in first_round + second_round:
         model, _ = load(row["model"])
-        part(row, KERNEL_PARTS[kernel], ours, model, prompts_of[row["model"], row["batch"], row["context"]],
-             new_tokens, graphs=True, compile=args.compile_mode, compile_backend=compile_backend, kernel=kernel)
+        for fuse in [None, False] if args.compare_fusion else [None]:  # None: fused, the default
+            part(row, KERNEL_PARTS[kernel] + ("" if fuse is None else UNFUSED), ours, model,
+                 prompts_of[row["model"], row["batch"], row["context"]], new_tokens, graphs=True,
+                 compile=args.compile_mode, compile_backend=compile_backend, kernel=kernel, fuse_projections=fuse)
     for row in rows if args.hf_static and device == "cuda" else []:
         _, peer = load(row["model"])
         if peer is not None:
@@ -361,7 +375,9 @@ COLUMNS = [("hf_generate", "transformers generate"), ("hf_static", "transformers
            ("dynlm_eager", "dynlm eager"), ("dynlm_graphs", "dynlm graphs"),
            ("dynlm_graphs_compile", "dynlm graphs + compile, sdpa attention"),
            ("dynlm_graphs_compile_split", "dynlm graphs + compile, split attention"),
-           ("dynlm_graphs_compile_math", "dynlm graphs + compile, math attention")]
+           ("dynlm_graphs_compile_math", "dynlm graphs + compile, math attention"),
+           ("dynlm_graphs_compile_auto", "dynlm graphs + compile, auto attention")]
+COLUMNS += [(key + UNFUSED, title + ", unfused projections") for key, title in COLUMNS[4:]]
 
 
 def _cell(part: dict[str, Any] | None) -> str:
@@ -387,16 +403,19 @@ def to_markdown(result: dict[str, Any]) -> str:
              "chunk). In brackets: tokens equal to dynlm eager's. Floor: bytes read per step (weights + KV cache) "
              "/ 4.8 TB/s (datasheet).", "",
              "| model | batch | context | " + " | ".join(f"{title} tok/s" for _, title in COLUMNS)
-             + " | best compiled kernel / sdpa | best dynlm / transformers generate | best dynlm ms/step "
-             "| floor ms/step |",
-             "|---|---|---|" + "---|" * (len(COLUMNS) + 4)]
+             + " | best compiled kernel / sdpa | fused / unfused projections | best dynlm / transformers generate "
+             "| best dynlm ms/step | floor ms/step |",
+             "|---|---|---|" + "---|" * (len(COLUMNS) + 5)]
     for r in result["rows"]:
         ours_rates = {k: r[k]["decode_tokens_per_s"] for k, _ in COLUMNS[2:] if "decode_tokens_per_s" in r.get(k, {})}
         best = max(ours_rates.values(), default=None)
         peer = r.get("hf_generate", {}).get("decode_tokens_per_s")
         ratio = "-" if best is None or peer is None else f"{best / peer:.1f}x"
         best_ms = "-" if best is None else f"{1000 * r['batch'] / best:.2f}"
-        compiled = {k: v for k, v in ours_rates.items() if k.startswith("dynlm_graphs_compile")}
+        compiled = {k: v for k, v in ours_rates.items()
+                    if k.startswith("dynlm_graphs_compile") and not k.endswith(UNFUSED)}
+        fusion = [f"{k.removeprefix('dynlm_graphs_compile').lstrip('_') or 'sdpa'} {v / ours_rates[k + UNFUSED]:.2f}x"
+                  for k, v in compiled.items() if k + UNFUSED in ours_rates]
         kernel = "-"
         if "dynlm_graphs_compile" in compiled and len(compiled) > 1:
             name = max(compiled, key=compiled.get)
@@ -404,27 +423,28 @@ def to_markdown(result: dict[str, Any]) -> str:
                       f"{compiled[name] / compiled['dynlm_graphs_compile']:.2f}x")
         lines.append(f"| {r['model']} | {r['batch']} | {r['context']:,} | "
                      + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS)
-                     + f" | {kernel} | {ratio} | {best_ms} | {r['floor_ms_per_step']:.3f} |")
+                     + f" | {kernel} | {', '.join(fusion) or '-'} | {ratio} | {best_ms} "
+                     f"| {r['floor_ms_per_step']:.3f} |")
     lines += ["", "Attention alone (one layer's decode-step attention, compiled, replayed from a CUDA graph of 24 "
               "calls; the slots the decoder attends over at the middle of the row's decode, positions past it masked): "
               "microseconds per call.", "",
-              "| model | batch | context | slots | " + " | ".join(f"{k} us" for k in KERNEL_PARTS)
+              "| model | batch | context | slots | " + " | ".join(f"{k} us" for k in ALONE_KERNELS)
               + " | best / sdpa | max abs error vs sdpa (per kernel) |",
-              "|---|---|---|---|" + "---|" * (len(KERNEL_PARTS) + 2)]
+              "|---|---|---|---|" + "---|" * (len(ALONE_KERNELS) + 2)]
     for r in result["rows"]:
-        times = {k: r[f"attention_{k}"] for k in KERNEL_PARTS if "us_per_call" in r.get(f"attention_{k}", {})}
+        times = {k: r[f"attention_{k}"] for k in ALONE_KERNELS if "us_per_call" in r.get(f"attention_{k}", {})}
         if not times:
             continue
         slots = next(iter(times.values()))["slots"]
         best = min(times, key=lambda k: times[k]["us_per_call"])
         ratio = f"{best} {times['sdpa']['us_per_call'] / times[best]['us_per_call']:.2f}x" if "sdpa" in times else "-"
         cells = [f"{times[k]['us_per_call']:.1f}" if k in times else _cell(r.get(f"attention_{k}"))
-                 for k in KERNEL_PARTS]
+                 for k in ALONE_KERNELS]
         errors_cell = ", ".join(f"{k} {t['max_abs_error_vs_sdpa']:.1e}" for k, t in times.items())
         lines.append(f"| {r['model']} | {r['batch']} | {r['context']:,} | {slots:,} | " + " | ".join(cells)
                      + f" | {ratio} | {errors_cell} |")
     errors = [f"- {r['model']} {r['batch']}x{r['context']} {k}: {r[k]['error']}" for r in result["rows"]
-              for k in [c for c, _ in COLUMNS] + [f"attention_{k}" for k in KERNEL_PARTS]
+              for k in [c for c, _ in COLUMNS] + [f"attention_{k}" for k in ALONE_KERNELS]
               if isinstance(r.get(k), dict) and "error" in r[k]]
     if errors:
         lines += ["", "Failures:", *errors]

@@ -4,9 +4,10 @@
     python benchmarks/profile_step.py --preset qwen2.5-0.5b --context 128 --parts graph-decode --out DIR
 
 Parts (`--parts`): `decode`, the eager one-token step; `graph-decode`, the step as `dynlm generate
---compile` runs it on CUDA (`GraphDecoder`, inductor-compiled step captured in a CUDA graph, "auto"
-decode attention), with the kernels a replayed step launches counted and their device time summed
-(the gap between that and the step's wall time is what launches and idle cost); `train`, an eager
+--compile` runs it on CUDA (`GraphDecoder`'s defaults: inductor-compiled step with q|k|v and
+gate|up fused, captured in a CUDA graph, "auto" decode attention), with the kernels a replayed
+step launches counted and their device time summed (the gap between that and the step's wall
+time is what launches and idle cost); `train`, an eager
 forward+backward. Writes profile_<preset>[_<context>].txt (top operators by device and host time)
 into DIR, and for graph-decode a JSON line with the counts beside it."""
 
@@ -95,6 +96,7 @@ def profile_graph_decode(model: torch.nn.Module, batch: int, context: int, cuda:
     top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:25]
     counts = {"batch": batch, "context": context, "steps_profiled": steps, "ms_per_step": unprofiled_ms,
               "graph_steps": decoder.graph_steps, "eager_steps": decoder.eager_steps,
+              "fused_projections": decoder.fused is not None,
               "kernels_per_step": len(kernels) / steps, "copies_per_step": (len(device_events) - len(kernels)) / steps,
               "kernel_ms_per_step": kernel_us / 1000 / steps,
               "mean_kernel_us": kernel_us / max(len(kernels), 1)}

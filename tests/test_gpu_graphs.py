@@ -38,10 +38,12 @@ def test_graph_decode_equals_eager_decode(arch, overrides):
     assert torch.equal(again, generate_ids(model, prompts.flip(0), max_new_tokens=64, graphs=False))
 
 
-@pytest.mark.parametrize("arch,overrides", [("standard", {}), ("mod", {}), ("standard", {"sliding_window": 16})])
+@pytest.mark.parametrize("arch,overrides", [("standard", {}), ("mod", {}), ("dtf", {}),
+                                            ("standard", {"sliding_window": 16, "attention_bias": True})])
 def test_compiled_graph_decode_equals_eager_decode(arch, overrides):
-    """The step compiled with inductor, then captured in a graph: the eager path's greedy tokens
-    (fp32), within one length bucket (120 + 64) and across two (500 + 64 crosses 512 slots)."""
+    """The step compiled with inductor (q|k|v and gate|up fused, the compiled default), then
+    captured in a graph: the eager path's greedy tokens (fp32), within one length bucket (120 + 64)
+    and across two (500 + 64 crosses 512 slots)."""
     torch.manual_seed(0)
     model = dynlm.build_model(f"{arch}-tiny", vocab_size=211, max_position_embeddings=2048, **overrides)
     model = model.cuda().eval()
@@ -49,11 +51,34 @@ def test_compiled_graph_decode_equals_eager_decode(arch, overrides):
         prompts = torch.randint(0, 211, (3, length), device="cuda")
         eager = generate_ids(model, prompts, max_new_tokens=64, graphs=False)
         decoder = GraphDecoder(model, compile="default")
+        assert decoder.fused is not None and decoder.fused.groups
         tokens = [decoder.prefill(prompts, 64).argmax(-1)]
         for _ in range(63):
             tokens.append(decoder.step(tokens[-1]).argmax(-1))
         assert torch.equal(torch.cat([prompts, torch.stack(tokens, 1)], 1), eager)
         assert decoder.graph_steps >= 60
+
+
+def test_weight_change_reaches_the_replayed_fused_step():
+    """A weight changed in place after a generation: the next generation's replayed graph (which
+    reads the fused copies) gives the eager path's tokens under the new weights."""
+    torch.manual_seed(0)
+    model = dynlm.build_model("standard-tiny", vocab_size=211, attention_bias=True).cuda().eval()
+    prompts = torch.randint(0, 211, (2, 40), device="cuda")
+    decoder = GraphDecoder(model, compile="default")
+
+    def decode() -> torch.Tensor:
+        tokens = [decoder.prefill(prompts, 32).argmax(-1)]
+        for _ in range(31):
+            tokens.append(decoder.step(tokens[-1]).argmax(-1))
+        return torch.cat([prompts, torch.stack(tokens, 1)], 1)
+
+    assert torch.equal(decode(), generate_ids(model, prompts, max_new_tokens=32, graphs=False))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(-3)
+        model.model.layers[1].mlp.up_proj.weight.mul_(-3)
+    assert torch.equal(decode(), generate_ids(model, prompts, max_new_tokens=32, graphs=False))
+    assert decoder.captures == 1 and decoder.graph_steps >= 60
 
 
 def test_interleaved_sessions_replay_their_own_graphs():

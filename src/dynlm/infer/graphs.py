@@ -29,6 +29,11 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
   compiled with inductor first and the compiled step is what the graph captures, so a replay
   runs fused kernels (RMSNorm, RoPE, residuals, the mask and softmax) instead of ~55 small ones a
   layer. Each graph shape compiles once (tens of seconds for a 24-layer model).
+- `fuse_projections` (default: on when `compile` is set): inside the decode step q, k, v are one
+  matmul through their concatenated weight and gate, up another (`nn/fusion.py`; a small step is
+  bound by matmul launches, not by reading the weights). The concatenations are copies held by
+  the decoder, refreshed at every `prefill`: weights changed between generations are seen by the
+  next one; parameters and `state_dict` are untouched. Prefill runs the separate projections.
 - `decode_attention` ("auto" or one of `DECODE_KERNELS`): the attention of a one-token step over
   the static cache. "sdpa" is the reference (`grouped_query_attention`: B x Hkv thread blocks walk
   the keys); "math" and "split" spread the keys over the GPU (`nn/decode_attention.py`), which
@@ -42,6 +47,7 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
 from __future__ import annotations
 
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +57,7 @@ import torch._dynamo  # its config: recompile limits for the compiled step
 from dynlm.models.standard import TransformerLM
 from dynlm.nn.cache import KVCache, StaticLayerKVCache
 from dynlm.nn.decode_attention import DECODE_KERNELS
+from dynlm.nn.fusion import FusedProjections
 
 CAPACITY_MULTIPLE = 256  # cache lengths are rounded up to this, so nearby lengths share graphs
 MAX_SESSIONS = 4  # idle static caches (and their graphs) kept per model; the oldest is dropped first
@@ -146,7 +153,7 @@ class GraphDecoder:
 
     def __init__(self, model: TransformerLM, prefill_chunk: int = 512, compile: str | None = None,
                  length_buckets: bool = True, compile_backend: str = "inductor",
-                 decode_attention: str = DECODE_ATTENTION):
+                 decode_attention: str = DECODE_ATTENTION, fuse_projections: bool | None = None):
         if not supports_static_cache(model):
             raise TypeError(f"{type(model).__name__} has no KV cache to make static")
         if compile is not None and compile not in COMPILE_MODES:
@@ -167,6 +174,11 @@ class GraphDecoder:
                 torch._dynamo.config.accumulated_recompile_limit, 256)
             self._step_fn = torch.compile(_decode_logits, mode=None if compile == "default" else compile,
                                           dynamic=False, backend=compile_backend)
+        if fuse_projections is None:
+            fuse_projections = compile is not None
+        # the decode step's q|k|v and gate|up matmuls through concatenated copies of the weights,
+        # refreshed at every prefill (see the module doc)
+        self.fused = FusedProjections(model) if fuse_projections else None
         self.capture = next(model.parameters()).device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.sessions: list[_Session] = []  # oldest first
@@ -235,6 +247,8 @@ class GraphDecoder:
         for value in vars(state).values():
             if isinstance(value, dict):
                 value.clear()
+        if self.fused is not None:
+            self.fused.refresh()  # weights changed since the last generation are seen by this one
         ids = input_ids.to(session.ids.device)
         if bucket > b:
             ids = torch.cat([ids, ids.new_zeros(bucket - b, t)])
@@ -267,7 +281,8 @@ class GraphDecoder:
             self._advance(state)
             self.graph_steps += 1
             return captured[1][:b]
-        logits = self._step_fn(self.model, session.ids, state)
+        with self._fused():
+            logits = self._step_fn(self.model, session.ids, state)
         if self.compile is not None:  # the compiled step leaves the host counters to us
             self._advance(state)
         self.eager_steps += 1
@@ -277,6 +292,10 @@ class GraphDecoder:
         return logits[:b]
 
     # -- internals ------------------------------------------------------------------------------
+    def _fused(self) -> AbstractContextManager:
+        """The decode step's projections through the fused weights, when this decoder fuses."""
+        return nullcontext() if self.fused is None else self.fused.applied()
+
     def _load_buffers(self, session: _Session) -> None:
         """Point the state's replaced tensors at the graph's fixed buffers (copying the values)."""
         for (name, key), buffer in session.buffers.items():
@@ -300,7 +319,7 @@ class GraphDecoder:
         position = state.position
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), self._fused():
             logits = self._step_fn(self.model, session.ids, state)
             for (name, key), buffer in session.buffers.items():
                 buffer.copy_(getattr(state, name)[key])

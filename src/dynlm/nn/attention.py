@@ -60,6 +60,8 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Attention(nn.Module):
+    FUSABLE = ("q_proj", "k_proj", "v_proj")  # read one input: fused by `nn.fusion` for decoding
+
     def __init__(
         self,
         hidden_size: int,
@@ -76,13 +78,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # q|k|v weight, bias (nn.fusion)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before the rotation."""
+        """x [B, T, C] -> q [B, H, T, D], k and v [B, Hkv, T, D], before the rotation. With
+        `fused` set, one matmul through the concatenated weight instead of three."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.fused).split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def forward(
