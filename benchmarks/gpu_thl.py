@@ -818,6 +818,32 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
 # the run
 
 
+def compile_stats(device: torch.device) -> dict[str, Any]:
+    """What torch.compile did during a part (its counters are cleared when the part starts): graphs
+    compiled, and on CUDA the graph-tree nodes captured and the captures redone because a node's
+    recorded inputs or liveness no longer matched (each one a synchronising capture instead of a
+    replay), and the calls that fell back to running uncaptured."""
+    from torch._dynamo.utils import counters
+
+    stats: dict[str, Any] = {"frames_compiled": counters["frames"]["ok"],
+                             "graphs_compiled": counters["stats"]["unique_graphs"],
+                             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    if device.type != "cuda":
+        return stats
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+    if manager is not None:
+        nodes, pending = 0, [n for roots in manager.roots.values() for n in roots]
+        while pending:
+            node = pending.pop()
+            nodes += 1
+            pending += [c for children in node.children.values() for c in children]
+        stats["cudagraph_nodes"] = nodes
+        stats["cudagraph_rerecords"] = sum(sum(by_function.values()) for by_function in manager.num_rerecord.values())
+    return stats
+
+
 def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
@@ -982,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for part in parts:
             t = time.perf_counter()
+            importlib.import_module("torch._dynamo.utils").counters.clear()
             try:
                 if part == "speed":
                     part_speed(cfg, device, report, keep_mode=args.thl_mode != "auto")
@@ -1005,7 +1032,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["part_errors"][part] = error_text(e)
                 log(f"part {part} failed: {report['part_errors'][part]}")
             report["part_seconds"][part] = time.perf_counter() - t
-            log(f"part {part}: {report['part_seconds'][part]:.1f}s")
+            try:  # read before the reset below drops the graph trees
+                report.setdefault("compile_stats", {})[part] = compile_stats(device)
+            except Exception as e:  # private torch internals: the part's results stand without them
+                report.setdefault("compile_stats", {})[part] = {"error": error_text(e)}
+            log(f"part {part}: {report['part_seconds'][part]:.1f}s, compile {report['compile_stats'][part]}")
             # compiled steps and their CUDA-graph memory pools go with the part that built them: the next
             # part (the 7B table's cap above all) starts from an empty device
             torch._dynamo.reset()
