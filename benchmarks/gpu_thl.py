@@ -48,6 +48,7 @@ import dataclasses
 import gc
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -818,6 +819,34 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
 # the run
 
 
+class CudagraphReasons(logging.Handler):
+    """Keeps the first few reasons CUDA-graph trees give for capturing a node again or for running a
+    function uncaptured. Those are debug records of an artifact logger that is off by default; it is
+    switched on here without passing them on, so the run's log does not get a line per capture."""
+
+    NAMES = ("torch._inductor.cudagraph_trees.__cudagraphs", "torch._inductor.cudagraph_utils.__cudagraphs")
+    KEEP = 5
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.reasons) < self.KEEP and any(w in str(record.msg) for w in ("Re-recording", "skipping cudagraph")):
+            self.reasons.append(record.getMessage()[:400])
+
+    def install(self) -> CudagraphReasons:
+        for name in self.NAMES:
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+            logger.addHandler(self)
+        return self
+
+
+CUDAGRAPH_REASONS: CudagraphReasons | None = None
+
+
 def compile_stats(device: torch.device) -> dict[str, Any]:
     """What torch.compile did during a part (its counters are cleared when the part starts): graphs
     compiled, and on CUDA the graph-tree nodes captured and the captures redone because a node's
@@ -841,6 +870,12 @@ def compile_stats(device: torch.device) -> dict[str, Any]:
             pending += [c for children in node.children.values() for c in children]
         stats["cudagraph_nodes"] = nodes
         stats["cudagraph_rerecords"] = sum(sum(by_function.values()) for by_function in manager.num_rerecord.values())
+        # recordings that no existing node could serve, and allocator checkpoints (a recording mid-path)
+        stats["cudagraph_new_recordings"] = getattr(manager, "debug_fail_counter", None)
+        stats["allocator_checkpoints"] = getattr(manager, "debug_checkpointing_counter", None)
+    if CUDAGRAPH_REASONS is not None:
+        stats["cudagraph_reasons"] = list(CUDAGRAPH_REASONS.reasons)
+        CUDAGRAPH_REASONS.reasons.clear()
     return stats
 
 
@@ -964,6 +999,9 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, limit):
             setattr(dynamo_config, limit, 64)
+    if device.type == "cuda":  # why graphs were captured again or skipped, into compile_stats
+        global CUDAGRAPH_REASONS
+        CUDAGRAPH_REASONS = CudagraphReasons().install()
     commit = provenance.commit(args.commit or os.environ.get("BENCH_COMMIT"))
     cfg = configs(args.smoke)
     cfg["models7b"] = [m.strip() for m in args.models_7b.split(",")]
