@@ -48,6 +48,7 @@ import dataclasses
 import gc
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -835,6 +836,66 @@ def part_recall(cfg: dict[str, Any], device: torch.device, report: dict[str, Any
 # the run
 
 
+class CudagraphReasons(logging.Handler):
+    """Keeps the first few reasons CUDA-graph trees give for capturing a node again or for running a
+    function uncaptured. Those are debug records of an artifact logger that is off by default; it is
+    switched on here without passing them on, so the run's log does not get a line per capture."""
+
+    NAMES = ("torch._inductor.cudagraph_trees.__cudagraphs", "torch._inductor.cudagraph_utils.__cudagraphs")
+    KEEP = 5
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.reasons) < self.KEEP and any(w in str(record.msg) for w in ("Re-recording", "skipping cudagraph")):
+            self.reasons.append(record.getMessage()[:400])
+
+    def install(self) -> CudagraphReasons:
+        for name in self.NAMES:
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+            logger.addHandler(self)
+        return self
+
+
+CUDAGRAPH_REASONS: CudagraphReasons | None = None
+
+
+def compile_stats(device: torch.device) -> dict[str, Any]:
+    """What torch.compile did during a part (its counters are cleared when the part starts): graphs
+    compiled, and on CUDA the graph-tree nodes captured and the captures redone because a node's
+    recorded inputs or liveness no longer matched (each one a synchronising capture instead of a
+    replay), and the calls that fell back to running uncaptured."""
+    from torch._dynamo.utils import counters
+
+    stats: dict[str, Any] = {"frames_compiled": counters["frames"]["ok"],
+                             "graphs_compiled": counters["stats"]["unique_graphs"],
+                             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    if device.type != "cuda":
+        return stats
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+    if manager is not None:
+        nodes, pending = 0, [n for roots in manager.roots.values() for n in roots]
+        while pending:
+            node = pending.pop()
+            nodes += 1
+            pending += [c for children in node.children.values() for c in children]
+        stats["cudagraph_nodes"] = nodes
+        stats["cudagraph_rerecords"] = sum(sum(by_function.values()) for by_function in manager.num_rerecord.values())
+        # recordings that no existing node could serve, and allocator checkpoints (a recording mid-path)
+        stats["cudagraph_new_recordings"] = getattr(manager, "debug_fail_counter", None)
+        stats["allocator_checkpoints"] = getattr(manager, "debug_checkpointing_counter", None)
+    if CUDAGRAPH_REASONS is not None:
+        stats["cudagraph_reasons"] = list(CUDAGRAPH_REASONS.reasons)
+        CUDAGRAPH_REASONS.reasons.clear()
+    return stats
+
+
 def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
@@ -959,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, limit):
             setattr(dynamo_config, limit, 64)
+    if device.type == "cuda":  # why graphs were captured again or skipped, into compile_stats
+        global CUDAGRAPH_REASONS
+        CUDAGRAPH_REASONS = CudagraphReasons().install()
     commit = provenance.commit(args.commit or os.environ.get("BENCH_COMMIT"))
     cfg = configs(args.smoke)
     cfg["models7b"] = [m.strip() for m in args.models_7b.split(",")]
@@ -1005,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for part in parts:
             t = time.perf_counter()
+            importlib.import_module("torch._dynamo.utils").counters.clear()
             try:
                 if part == "speed":
                     part_speed(cfg, device, report, keep_mode=args.thl_mode != "auto")
@@ -1028,7 +1093,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["part_errors"][part] = error_text(e)
                 log(f"part {part} failed: {report['part_errors'][part]}")
             report["part_seconds"][part] = time.perf_counter() - t
-            log(f"part {part}: {report['part_seconds'][part]:.1f}s")
+            try:  # read before the reset below drops the graph trees
+                report.setdefault("compile_stats", {})[part] = compile_stats(device)
+            except Exception as e:  # private torch internals: the part's results stand without them
+                report.setdefault("compile_stats", {})[part] = {"error": error_text(e)}
+            log(f"part {part}: {report['part_seconds'][part]:.1f}s, compile {report['compile_stats'][part]}")
             # compiled steps and their CUDA-graph memory pools go with the part that built them: the next
             # part (the 7B table's cap above all) starts from an empty device
             torch._dynamo.reset()

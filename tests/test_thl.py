@@ -310,3 +310,30 @@ def test_detached_state_is_a_copy():
     detached = state.detach()
     for a, b in zip(state.tensors(), detached.tensors()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.parametrize("bptt_chunk", [0, 4])
+def test_compiled_step_compiles_once_per_grad_mode_over_a_run(bptt_chunk):
+    """Over training steps on different data (full BPTT or chunks with a carried state) and
+    evaluations at several lengths, the step is traced once with grad and once without: nothing in
+    it (positions, data, the train/eval switch) makes dynamo recompile per step or per length.
+    Dynamo's graph count with the eager backend, so nothing is compiled by inductor."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny(compile_step=True, bptt_chunk=bptt_chunk).train()
+    counter = CompileCounter()
+    model._step_fn = torch.compile(model.step, backend=counter, dynamic=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = TrainStep(model, model, opt, torch.device("cpu"), torch.float32, clip=1.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for _ in range(3):
+            step([torch.randint(0, VOCAB, (2, 8), generator=generator)])
+        model.eval()
+        with torch.no_grad():
+            for length in (3, 11):
+                model(torch.randint(0, VOCAB, (2, length), generator=generator))
+        model.train()
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

@@ -359,8 +359,10 @@ class THLModel(DynModel):
         outputs, usages, gates, novels = [], [], [], []
         step = self._step_for_this_forward()
         # unbind, not query_e[:, i]: backward then stacks each input's T gradients once, where indexing
-        # would zero-fill and add a whole [B, T, ...] gradient for every token (3 kernels per input per token)
-        per_token = zip(query_e.unbind(1), gates0.unbind(1), local.unbind(1))
+        # would zero-fill and add a whole [B, T, ...] gradient for every token (3 kernels per input per token).
+        # Time-major and contiguous first: a token's slice of [B, T, X] has the stride T*X, and the compiled
+        # step (dynamic=False) guards on strides, so it would be compiled again for every sequence length
+        per_token = zip(*(x.transpose(0, 1).contiguous().unbind(0) for x in (query_e, gates0, local)))
         for i, (query_e_i, gates0_i, local_i) in enumerate(per_token):
             tiers, memory, read_ema, write_ema, last_read, last_write, usage, gate, novel = step(
                 query_e_i, gates0_i, local_i, None if noise is None else noise[i], tiers, memory,
