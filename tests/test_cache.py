@@ -227,6 +227,27 @@ def test_compiled_step_traces_once_per_bucket_and_keeps_the_tokens():
     assert decoder.session.state.layers[0].length == decoder.session.state.position == 15
 
 
+def test_a_compiling_decoder_steps_dtf_uncompiled_and_keeps_its_tokens():
+    """DTF's surprise history grows a step at a time: compiled, its step would trace once per
+    length (and on CUDA once more inside the graph capture, which fails). A compiling decoder
+    steps it uncompiled, with the eager tokens; a standard model's session is still compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = dynlm.build_model("dtf-tiny", vocab_size=97).eval()
+    prompts = torch.randint(0, 97, (2, 6))
+    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
+    decoder = graphs.GraphDecoder(model, compile="default", compile_backend=counter)
+    assert torch.equal(_decode_with(decoder, prompts, 12, 12), eager)
+    assert counter.frame_count == 0 and not decoder.session.compiled
+    assert decoder.session.state.position == 6 + 11
+    standard_model = dynlm.build_model("standard-tiny", vocab_size=97).eval()  # the decoder holds a weak reference
+    standard = graphs.GraphDecoder(standard_model, compile="default", compile_backend=counter)
+    standard.prefill(prompts, 4)
+    assert standard.session.compiled
+
+
 def test_interleaved_generations_keep_their_own_static_caches():
     """Two generations advanced token by token in turn (what the server does with concurrent
     requests) on the static cache: each gives its own eager tokens; the sessions are reused after."""

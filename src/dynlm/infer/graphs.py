@@ -28,7 +28,10 @@ call, so it is captured once with `torch.cuda.CUDAGraph` and replayed: one launc
 - `compile` (a `torch.compile` mode, "default" or "max-autotune-no-cudagraphs"): the step is
   compiled with inductor first and the compiled step is what the graph captures, so a replay
   runs fused kernels (RMSNorm, RoPE, residuals, the mask and softmax) instead of ~55 small ones a
-  layer. Each graph shape compiles once (tens of seconds for a 24-layer model).
+  layer. Each graph shape compiles once (tens of seconds for a 24-layer model). A state whose
+  step replaces tensors of growing shape (DTF's surprise history) is stepped uncompiled (its
+  graphs capture the eager step): it would compile once per history length, and once more
+  inside the capture, which CUDA refuses.
 - `fuse_projections` (default: on when `compile` is set): inside the decode step q, k, v are one
   matmul through their concatenated weight and gate, up another (`nn/fusion.py`; a small step is
   bound by matmul launches, not by reading the weights). The concatenations are copies held by
@@ -127,6 +130,11 @@ def _replaced_tensors(state: Any) -> dict[tuple[str, Any], torch.Tensor]:
     return found
 
 
+def _has_replaced_fields(state: Any) -> bool:
+    """True if the state has dict fields, whose tensors a step replaces (see `_replaced_tensors`)."""
+    return any(isinstance(value, dict) for value in vars(state).values())
+
+
 def _signature(state: Any) -> tuple:
     return tuple(sorted((repr(key), tuple(t.shape), t.dtype) for key, t in _replaced_tensors(state).items()))
 
@@ -144,6 +152,7 @@ class _Session:
     batch_size: int = 0  # rows in use
     busy: bool = False  # a generation is using it (between prefill and release)
     buffers: dict[tuple[str, Any], torch.Tensor] = field(default_factory=dict)  # replaced tensors, fixed
+    compiled: bool = False  # its step runs the decoder's compiled function (see `prefill`)
 
 
 class GraphDecoder:
@@ -228,13 +237,18 @@ class GraphDecoder:
             self._trim(self.max_idle_sessions - 1)  # room for the new one
             device = self.model.model.embed_tokens.weight.device  # an int8 head has no .weight
             state = static_state(self.model, bucket, capacity)
-            state.caller_advances_counters = self.compile is not None  # see `step`
+            # a state with replaced tensors (DTF's surprise history) is stepped uncompiled: their
+            # shapes grow step by step (a compile each), and at capture dynamo compiled once more
+            # inside the capture, which CUDA refuses (found on an H200)
+            compiled = self.compile is not None and not _has_replaced_fields(state)
+            state.caller_advances_counters = compiled  # see `step`
             kernel = self.decode_attention
             if kernel == "auto":
-                kernel = default_decode_kernel(self.compile is not None, bucket)
+                kernel = default_decode_kernel(compiled, bucket)
             for layer in state.layers:
                 layer.decode_kernel = kernel
-            session = _Session(state, torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key)
+            session = _Session(state, torch.zeros(bucket, 1, dtype=torch.long, device=device), key=key,
+                               compiled=compiled)
             self.sessions.append(session)
         else:  # most recently used last
             self.sessions.remove(session)
@@ -281,9 +295,10 @@ class GraphDecoder:
             self._advance(state)
             self.graph_steps += 1
             return captured[1][:b]
+        step_fn = self._step_fn if session.compiled else _decode_logits
         with self._fused():
-            logits = self._step_fn(self.model, session.ids, state)
-        if self.compile is not None:  # the compiled step leaves the host counters to us
+            logits = step_fn(self.model, session.ids, state)
+        if session.compiled:  # the compiled step leaves the host counters to us
             self._advance(state)
         self.eager_steps += 1
         if (self.capture and _signature(state) == signature
@@ -319,8 +334,9 @@ class GraphDecoder:
         position = state.position
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
+        step_fn = self._step_fn if session.compiled else _decode_logits
         with torch.cuda.graph(graph, pool=self.pool), self._fused():
-            logits = self._step_fn(self.model, session.ids, state)
+            logits = step_fn(self.model, session.ids, state)
             for (name, key), buffer in session.buffers.items():
                 buffer.copy_(getattr(state, name)[key])
         # capture recorded the step without running it: undo its host-side effects
