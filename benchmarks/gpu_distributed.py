@@ -185,7 +185,6 @@ def ddp_arguments(overrides: dict[str, Any]) -> Iterator[None]:
 
 
 def run_one(item: dict[str, Any]) -> dict[str, Any]:
-    import torch
 
     from dynlm.train import train
 
@@ -202,12 +201,21 @@ def run_one(item: dict[str, Any]) -> dict[str, Any]:
         lines = str(e).strip().splitlines()
         record["error"] = f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
     record["wall_s"] = time.perf_counter() - start
+    return record
+
+
+def clean_up(item: dict[str, Any]) -> None:
+    """After a run's record is written: its folder, model, optimizer and compiled graphs. The
+    allocator's cache is emptied only after DDP runs: after an FSDP2 run, `empty_cache` failed
+    with an illegal memory access on two H200s (torch 2.11, NCCL 2.28), killing the launch (with
+    CUDA_LAUNCH_BLOCKING=1 it is the first call that fails)."""
+    import torch
+
     shutil.rmtree(Path(item["run"]["out_dir"]) / item["run"]["run_name"], ignore_errors=True)
     gc.collect()  # the finished run's model, optimizer and process-group hooks
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not item["run"]["train"].get("fsdp"):
         torch.cuda.empty_cache()
     torch._dynamo.reset()  # a compiled run's graphs
-    return record
 
 
 def worker(spec_path: Path) -> int:
@@ -224,6 +232,8 @@ def worker(spec_path: Path) -> int:
                 with open(spec["results"], "a") as f:
                     f.write(json.dumps(record) + "\n")
             distributed.barrier(ctx)
+            if not late:
+                clean_up(item)
     finally:
         distributed.teardown(ctx)
     return 0
