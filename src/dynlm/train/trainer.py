@@ -102,9 +102,11 @@ class TrainStep:
         self.sync_module = ddp_module if ddp_module is not None else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol), so the
-        # loop does not wait for the device. Not for FSDP2's sharded (DTensor) parameters: with
-        # `found_inf` and `grad_scale` the fused update hit an illegal memory access on CUDA
-        # (H200, torch 2.11; fine on CPU), so a sharded step clips as before and reads the norm
+        # loop does not wait for the device. Not for FSDP2's sharded (DTensor) parameters: a
+        # sharded step clips with clip_grad_norm_ and reads the norm, the path of the one FSDP2
+        # run that completed on two H200s; `found_inf` / `grad_scale` on DTensors pass on CPU but
+        # never completed a GPU run (those launches died with an illegal memory access whose
+        # faulting call is not established; see docs/training.md)
         sharded = any(hasattr(p, "full_tensor") for p in self.params)
         self.skip_on_device = bool(optimizer.defaults.get("fused")) and not sharded
 
