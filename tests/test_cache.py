@@ -210,19 +210,26 @@ def test_length_buckets_attend_over_the_filled_prefix_and_keep_the_tokens(monkey
     assert sorted(set(seen)) == [8, 16, 32]
 
 
-@pytest.mark.slow  # dynamo's tracing takes ~15 s on a loaded 2-core machine
-def test_compiled_step_traces_once_per_bucket_and_keeps_the_tokens():
-    """The step under `torch.compile` (dynamo's tracing; the eager backend keeps the test fast on
-    a CPU) gives the eager tokens, and the host counters do not make it recompile per position."""
+def _compiled_decoder_keeps_the_eager_tokens(model: torch.nn.Module, new_tokens: int) -> tuple:
+    """Greedy decoding through a compiling GraphDecoder (dynamo with a counting backend) equals
+    the eager path; returns the decoder and the counter of traced frames."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
     prompts = torch.randint(0, 97, (2, 6))
-    eager = generate_ids(model, prompts, max_new_tokens=10, graphs=False)
+    eager = generate_ids(model, prompts, max_new_tokens=new_tokens, graphs=False)
     decoder = graphs.GraphDecoder(model, compile="default", compile_backend=counter)
-    assert torch.equal(_decode_with(decoder, prompts, 10, 10), eager)
+    assert torch.equal(_decode_with(decoder, prompts, new_tokens, new_tokens), eager)
+    return decoder, counter
+
+
+@pytest.mark.slow  # dynamo's tracing takes ~15 s on a loaded 2-core machine
+def test_compiled_step_traces_once_per_bucket_and_keeps_the_tokens():
+    """The step under `torch.compile` (dynamo's tracing; the eager backend keeps the test fast on
+    a CPU) gives the eager tokens, and the host counters do not make it recompile per position."""
+    model = dynlm.build_model("standard-tiny", vocab_size=97).eval()
+    decoder, counter = _compiled_decoder_keeps_the_eager_tokens(model, new_tokens=10)
     assert counter.frame_count == 1  # one bucket, one trace (not one per position)
     assert decoder.session.state.layers[0].length == decoder.session.state.position == 15
 
@@ -231,20 +238,13 @@ def test_a_compiling_decoder_steps_dtf_uncompiled_and_keeps_its_tokens():
     """DTF's surprise history grows a step at a time: compiled, its step would trace once per
     length (and on CUDA once more inside the graph capture, which fails). A compiling decoder
     steps it uncompiled, with the eager tokens; a standard model's session is still compiled."""
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
-    counter = CompileCounter()
     model = dynlm.build_model("dtf-tiny", vocab_size=97).eval()
-    prompts = torch.randint(0, 97, (2, 6))
-    eager = generate_ids(model, prompts, max_new_tokens=12, graphs=False)
-    decoder = graphs.GraphDecoder(model, compile="default", compile_backend=counter)
-    assert torch.equal(_decode_with(decoder, prompts, 12, 12), eager)
+    decoder, counter = _compiled_decoder_keeps_the_eager_tokens(model, new_tokens=12)
     assert counter.frame_count == 0 and not decoder.session.compiled
     assert decoder.session.state.position == 6 + 11
     standard_model = dynlm.build_model("standard-tiny", vocab_size=97).eval()  # the decoder holds a weak reference
     standard = graphs.GraphDecoder(standard_model, compile="default", compile_backend=counter)
-    standard.prefill(prompts, 4)
+    standard.prefill(torch.randint(0, 97, (2, 6)), 4)
     assert standard.session.compiled
 
 
