@@ -328,7 +328,13 @@ def launch(index: int, nproc: int, runs: list[tuple[str, str]], args: argparse.N
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    tail = log_path.read_text(errors="replace")[-4000:]
+    text = log_path.read_text(errors="replace")
+    # the workers' own error lines: torchrun's summary at the end of the log does not carry them
+    worker_errors = [line for line in text.splitlines() if line.startswith("[rank") and "Error" in line]
+    tail = "\n".join(worker_errors[:6] + [text[-3000:]])
+    if proc.returncode != 0 and args.out is not None:  # the whole log, for the next person to read
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, args.out / f"launch{index}.log")
     for m, v in runs:
         entry = entries[run_name(m, v)]
         if "losses" not in entry and "error" not in entry:
