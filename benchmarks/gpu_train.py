@@ -158,31 +158,27 @@ def use_liger(model: torch.nn.Module, blocks: bool) -> None:
 
 def use_fused_projections(model: torch.nn.Module) -> None:
     """q/k/v as one matmul over the concatenated weights, gate/up as one: the larger matmuls of
-    nanoGPT's c_attn and c_fc, with the parameters (names, checkpoints) unchanged. Under autocast
-    the weights are cast to bf16 at every step anyway; compiled, the concatenation joins that cast."""
+    nanoGPT's c_attn and c_fc, with the parameters (names, checkpoints) unchanged. The modules'
+    own fused path (`nn.fusion`), fed a concatenation made at every forward so gradients reach
+    the separate weights. Under autocast the weights are cast to bf16 at every step anyway;
+    compiled, the concatenation joins that cast."""
     from dynlm.nn import Attention, SwiGLU
+    from dynlm.nn.fusion import concatenated, fusable_linears
 
-    def project(self: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections])
-        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projections])
-        sizes = [p.out_features for p in projections]
-        q, k, v = torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
-        return (q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
-                k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2))
-
-    def mlp_forward(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+    def through_concatenation(method: Any) -> Any:
+        def fused_method(self: torch.nn.Module, x: torch.Tensor) -> Any:
+            self.fused = concatenated(fusable_linears(self))
+            try:
+                return method(self, x)
+            finally:
+                self.fused = None
+        return fused_method
 
     for module in model.modules():
         if isinstance(module, Attention):
-            module.project = MethodType(project, module)
+            module.project = MethodType(through_concatenation(Attention.project), module)
         elif isinstance(module, SwiGLU):
-            module.forward = MethodType(mlp_forward, module)
+            module.forward = MethodType(through_concatenation(SwiGLU.forward), module)
 
 
 def build_dynlm(variant: str, args: argparse.Namespace, shape: dict[str, int], device: torch.device,

@@ -107,6 +107,16 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def settle(ctx: DistContext) -> None:
+    """The end of a run's collectives: a barrier, then a second one. gloo's worker thread frees
+    each finished operation (and the tensors it held, which needs the GIL) after completing it;
+    a process group destroyed under the GIL meanwhile waits for that thread, which waits for the
+    GIL: the second rank of 1 in ~6 two-process CPU runs hung at exit. The second barrier runs
+    only once the thread has let go of everything before it, and holds no tensor itself."""
+    barrier(ctx)
+    barrier(ctx)
+
+
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

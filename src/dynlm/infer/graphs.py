@@ -295,9 +295,8 @@ class GraphDecoder:
             self._advance(state)
             self.graph_steps += 1
             return captured[1][:b]
-        step_fn = self._step_fn if session.compiled else _decode_logits
         with self._fused():
-            logits = step_fn(self.model, session.ids, state)
+            logits = self._step_function(session)(self.model, session.ids, state)
         if session.compiled:  # the compiled step leaves the host counters to us
             self._advance(state)
         self.eager_steps += 1
@@ -307,6 +306,10 @@ class GraphDecoder:
         return logits[:b]
 
     # -- internals ------------------------------------------------------------------------------
+    def _step_function(self, session: _Session) -> Any:
+        """The compiled step for a compiled session, the plain one otherwise (see `prefill`)."""
+        return self._step_fn if session.compiled else _decode_logits
+
     def _fused(self) -> AbstractContextManager:
         """The decode step's projections through the fused weights, when this decoder fuses."""
         return nullcontext() if self.fused is None else self.fused.applied()
@@ -334,9 +337,8 @@ class GraphDecoder:
         position = state.position
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        step_fn = self._step_fn if session.compiled else _decode_logits
         with torch.cuda.graph(graph, pool=self.pool), self._fused():
-            logits = step_fn(self.model, session.ids, state)
+            logits = self._step_function(session)(self.model, session.ids, state)
             for (name, key), buffer in session.buffers.items():
                 buffer.copy_(getattr(state, name)[key])
         # capture recorded the step without running it: undo its host-side effects

@@ -39,6 +39,13 @@ def fusable_linears(module: nn.Module) -> list[nn.Linear] | None:
     return linears
 
 
+def concatenated(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight [sum of outputs, in] and bias of `linears` as one projection (differentiable:
+    under grad, gradients reach the separate parameters)."""
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    return torch.cat([linear.weight for linear in linears]), bias
+
+
 class FusedProjections:
     """The fused copies of every fusable module of `model` (see the module doc)."""
 
@@ -49,9 +56,7 @@ class FusedProjections:
                 linears = fusable_linears(module)
                 if linears is None:
                     continue
-                weight = torch.cat([linear.weight for linear in linears])
-                bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-                self.groups.append((module, linears, (weight, bias)))
+                self.groups.append((module, linears, concatenated(linears)))
 
     def refresh(self) -> None:
         """Copy the projections' current weights into the fused tensors (in place: their

@@ -241,7 +241,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig | None = None,
             if run.train.plot:
                 plot_metrics(run_dir)
             _print_summary(report)
-        distributed.barrier(ctx)
+        distributed.settle(ctx)
     except BaseException:
         if fresh_folder and ctx.is_main:  # a run that never started leaves nothing behind
             clear_output_dir(run_dir)

@@ -130,10 +130,8 @@ class TrainStep:
             if aux is not None:
                 aux_sum = aux if aux_sum is None else aux_sum + aux
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.skip_on_device:
+        if self.skip_on_device:  # never with sharded parameters (see __init__)
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if hasattr(norm, "full_tensor"):  # sharded (FSDP2) parameters give a DTensor norm
-                norm = norm.full_tensor()
             nonfinite = ~torch.isfinite(norm)
             self.optimizer.found_inf = nonfinite.float()
             # the clipping inside the fused update: it divides the gradients by `grad_scale` (and
