@@ -230,7 +230,8 @@ def run_case(case: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     log_path = work / f"{case}.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).resolve()), "--worker", case, "--work", str(work), *(["--smoke"] if args.smoke else [])]
+               str(Path(__file__).resolve()), "--worker", case, "--work", str(work)]
+    command += ["--smoke"] if args.smoke else []
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
