@@ -35,7 +35,12 @@ CASES = {  # name: what it isolates
     "model": "gpt2-small-like, dynlm.distributed.wrap_model (the trainer's FSDP2), bf16 autocast, "
              "foreach AdamW, clip_grad_norm_, 3 steps",
     "model-fused-adamw": "as model, fused AdamW (the trainer's optimizer)",
-    "model-default-policy": "as model-fused-adamw, fully_shard without a MixedPrecisionPolicy",
+    "model-default-policy": "as model-fused-adamw, fully_shard by hand with its defaults (no MixedPrecisionPolicy; "
+                            "the root keeps its parameters gathered after forward)",
+    "model-root-reshard": "as model-default-policy, but the root too frees its parameters after forward "
+                          "(reshard_after_forward=True)",
+    "model-fp32-policy": "as model-default-policy, with MixedPrecisionPolicy(float32, float32) on every unit",
+    "model-bf16-gathers": "as model-fused-adamw, wrap_model with bfloat16 gathers (train.fsdp_param_dtype)",
     "model-no-rope-table": "as model-fused-adamw, rotary cos/sin computed per forward (no table buffers)",
     "model-fp32": "as model-fused-adamw, no autocast",
     "model-untied": "as model-fused-adamw, LM head not tied to the embedding",
@@ -117,10 +122,13 @@ def toy_case(ctx: Any, phase: Phases, smoke: bool) -> None:
         phase(f"step {step}: optimizer")
 
 
-def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, policy: bool = True,
-               rope_table: bool = True, autocast: bool = True, tied: bool = True) -> None:
+def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, by_hand: dict[str, Any] | None = None,
+               wrap_options: dict[str, Any] | None = None, rope_table: bool = True, autocast: bool = True,
+               tied: bool = True) -> None:
+    """`by_hand`: fully_shard each layer, then the root, with these options (root_reshard: the
+    root's reshard_after_forward; mp: a MixedPrecisionPolicy's dtypes); otherwise wrap_model."""
     import torch
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from dynlm import build_model, distributed
 
@@ -132,12 +140,13 @@ def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, polic
     if not rope_table:
         model.rotary.table_positions = 0
     phase(f"built ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
-    if policy:
-        distributed.wrap_model(model, ctx, fsdp=True)
+    if by_hand is None:
+        distributed.wrap_model(model, ctx, fsdp=True, **(wrap_options or {}))
     else:
+        mp = {"mp_policy": MixedPrecisionPolicy(*by_hand["mp"])} if "mp" in by_hand else {}
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **mp)
+        fully_shard(model, reshard_after_forward=by_hand.get("root_reshard"), **mp)
     phase("sharded")
     use_fused = fused_adamw and ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if use_fused else None,
@@ -194,7 +203,12 @@ def worker(case: str, work: Path, smoke: bool) -> int:
         "toy": lambda: toy_case(ctx, phase, smoke),
         "model": lambda: model_case(ctx, phase, smoke, fused_adamw=False),
         "model-fused-adamw": lambda: model_case(ctx, phase, smoke, fused_adamw=True),
-        "model-default-policy": lambda: model_case(ctx, phase, smoke, fused_adamw=True, policy=False),
+        "model-default-policy": lambda: model_case(ctx, phase, smoke, fused_adamw=True, by_hand={}),
+        "model-root-reshard": lambda: model_case(ctx, phase, smoke, fused_adamw=True, by_hand={"root_reshard": True}),
+        "model-fp32-policy": lambda: model_case(ctx, phase, smoke, fused_adamw=True,
+                                                by_hand={"mp": (torch.float32, torch.float32)}),
+        "model-bf16-gathers": lambda: model_case(ctx, phase, smoke, fused_adamw=True,
+                                                 wrap_options={"param_dtype": torch.bfloat16}),
         "model-no-rope-table": lambda: model_case(ctx, phase, smoke, fused_adamw=True, rope_table=False),
         "model-fp32": lambda: model_case(ctx, phase, smoke, fused_adamw=True, autocast=False),
         "model-untied": lambda: model_case(ctx, phase, smoke, fused_adamw=True, tied=False),

@@ -156,7 +156,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool, *, bucket_cap_mb:
         layers = getattr(getattr(model, "model", None), "layers", None)
         for layer in layers if layers is not None else []:
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-        fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        # the root keeps its parameters (embedding, final norm, LM head) gathered from forward to
+        # backward, FSDP2's default for a root: backward needs them first thing
+        fully_shard(model, mp_policy=policy)
         return model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
