@@ -205,15 +205,13 @@ def run_one(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def clean_up(item: dict[str, Any]) -> None:
-    """After a run's record is written: its folder, model, optimizer and compiled graphs. The
-    allocator's cache is emptied only after DDP runs: after an FSDP2 run, `empty_cache` failed
-    with an illegal memory access on two H200s (torch 2.11, NCCL 2.28), killing the launch (with
-    CUDA_LAUNCH_BLOCKING=1 it is the first call that fails)."""
+    """After a run's record is written: its folder, model, optimizer, cached allocations and
+    compiled graphs."""
     import torch
 
     shutil.rmtree(Path(item["run"]["out_dir"]) / item["run"]["run_name"], ignore_errors=True)
     gc.collect()  # the finished run's model, optimizer and process-group hooks
-    if torch.cuda.is_available() and not item["run"]["train"].get("fsdp"):
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     torch._dynamo.reset()  # a compiled run's graphs
 
@@ -267,8 +265,8 @@ def run_config(model: str, variant: str, args: argparse.Namespace, work: Path) -
 def launch_groups(wanted: list[tuple[str, str]]) -> list[tuple[int, list[tuple[str, str]]]]:
     """(processes, runs) per torchrun launch: every 1-process run (the baselines), then the
     2-process DDP runs, then the 2-process FSDP2 runs, each in the order asked for. DDP and FSDP2
-    get launches of their own: on the H200s both processes aborted (SIGABRT) when one launch went
-    from its DDP runs to its first FSDP2 run, and took every later run with them."""
+    get launches of their own, so that a CUDA fault in one engine's runs (which poisons the
+    process) cannot take the other's with it: an FSDP2 fault once did (gpu_fsdp_probe.py)."""
     def engine(run: tuple[str, str]) -> str:
         return "fsdp" if VARIANTS[run[1]].train.get("fsdp") else "ddp"
 

@@ -3,8 +3,7 @@
 Per optimizer step: `grad_accum` micro-batches forward (bf16 autocast on CUDA) and backward, the
 model's auxiliary losses added to the cross-entropy (and logged apart), the global gradient norm
 clipped, and fused AdamW. A step whose gradient norm is not finite is skipped on the device (the
-fused optimizer's `found_inf`; FSDP2's sharded steps check on the host, see `TrainStep`), so the
-loop never waits for the GPU except to log; the skipped
+fused optimizer's `found_inf`), so the loop never waits for the GPU except to log; the skipped
 steps are counted and the run stops with a clear message after `max_nan_steps` in a row.
 
 A recurrent model that sets `bptt_chunk` is trained with truncated BPTT (each micro-batch fed in
@@ -101,14 +100,9 @@ class TrainStep:
         self.device, self.dtype, self.clip = device, dtype, clip
         self.sync_module = ddp_module if ddp_module is not None else model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol), so the
-        # loop does not wait for the device. Not for FSDP2's sharded (DTensor) parameters: a
-        # sharded step clips with clip_grad_norm_ and reads the norm, the path of the one FSDP2
-        # run that completed on two H200s; `found_inf` / `grad_scale` on DTensors pass on CPU but
-        # never completed a GPU run (those launches died with an illegal memory access whose
-        # faulting call is not established; see docs/training.md)
-        sharded = any(hasattr(p, "full_tensor") for p in self.params)
-        self.skip_on_device = bool(optimizer.defaults.get("fused")) and not sharded
+        # fused AdamW skips its update when `found_inf` is set (the GradScaler protocol), so neither
+        # DDP nor FSDP2 waits for the device to decide
+        self.skip_on_device = bool(optimizer.defaults.get("fused"))
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> StepOutput:
         n = len(batches)
@@ -130,8 +124,10 @@ class TrainStep:
             if aux is not None:
                 aux_sum = aux if aux_sum is None else aux_sum + aux
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.skip_on_device:  # never with sharded parameters (see __init__)
+        if self.skip_on_device:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if hasattr(norm, "full_tensor"):  # sharded (FSDP2) parameters give a DTensor norm
+                norm = norm.full_tensor()
             nonfinite = ~torch.isfinite(norm)
             self.optimizer.found_inf = nonfinite.float()
             # the clipping inside the fused update: it divides the gradients by `grad_scale` (and
