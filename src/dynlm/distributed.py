@@ -143,10 +143,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool, *, bucket_cap_mb:
     backward. (Not `static_graph`: its first step all-reduces through hooks on the output's
     tensors, which DDP cannot find in a ModelOutput, so the ranks' first gradients stay unsynced.)
     FSDP2: one unit per decoder layer plus the root. `reshard_after_forward=False` keeps each
-    layer's gathered parameters from forward to backward (one all-gather per layer and step
-    instead of two, for the memory of the full parameters); `param_dtype` is the dtype they are
-    gathered and computed in, `reduce_dtype` the one gradients are reduce-scattered in (the
-    sharded master weights and the optimizer stay float32)."""
+    layer's gathered parameters from forward to backward, as the root's always are (one
+    all-gather per layer and step instead of two, for the memory of the full parameters);
+    `param_dtype` is the dtype they are gathered and computed in, `reduce_dtype` the one gradients
+    are reduce-scattered in (the sharded master weights and the optimizer stay float32)."""
     if fsdp:
         if not ctx.distributed:
             raise ConfigError("train.fsdp=true needs several processes", "launch with torchrun --nproc_per_node N")
@@ -157,7 +157,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, fsdp: bool, *, bucket_cap_mb:
         for layer in layers if layers is not None else []:
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         # the root keeps its parameters (embedding, final norm, LM head) gathered from forward to
-        # backward, FSDP2's default for a root: backward needs them first thing
+        # backward, FSDP2's default for a root: backward needs them first thing. Made to reshard
+        # like the layers, it faulted (illegal memory access) in the first backward on two H200s
         fully_shard(model, mp_policy=policy)
         return model
     if ctx.distributed:
