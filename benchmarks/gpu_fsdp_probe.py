@@ -3,6 +3,8 @@ collectives up to the trainer, so that a CUDA fault (which poisons the process) 
 
     python benchmarks/gpu_fsdp_probe.py --out $OUT --commit SHA       # 2 CUDA GPUs, about 3 minutes
     python benchmarks/gpu_fsdp_probe.py --smoke --out /tmp/probe      # CPU, gloo, tiny
+    python benchmarks/gpu_fsdp_probe.py --out $OUT --tiny --cases model-root-reshard \
+        --under "compute-sanitizer --tool memcheck --target-processes all"   # which kernel faults
 
 Every rank synchronises the device after each phase of a case and appends the phase's name to its
 own marker file, so a fault is pinned to the phase between the last marker and the next. Each case
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -68,11 +71,11 @@ class Phases:
             f.write(json.dumps({"phase": name, "t": time.time()}) + "\n")
 
 
-def nccl_case(ctx: Any, phase: Phases, smoke: bool) -> None:
+def nccl_case(ctx: Any, phase: Phases, tiny: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    n = (1 << 10) if smoke else (16 << 20)  # fp32 elements per rank's shard
+    n = (1 << 10) if tiny else (16 << 20)  # fp32 elements per rank's shard
     for stream_name in ("default", "side"):
         stream = torch.cuda.Stream(ctx.device) if ctx.device.type == "cuda" and stream_name == "side" else None
         for _ in range(3):
@@ -96,11 +99,11 @@ def nccl_case(ctx: Any, phase: Phases, smoke: bool) -> None:
         phase(f"collectives on the {stream_name} stream")
 
 
-def toy_case(ctx: Any, phase: Phases, smoke: bool) -> None:
+def toy_case(ctx: Any, phase: Phases, tiny: bool) -> None:
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    width = 64 if smoke else 1024
+    width = 64 if tiny else 1024
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(4)]).to(ctx.device)
     for layer in model:
         fully_shard(layer)
@@ -122,7 +125,7 @@ def toy_case(ctx: Any, phase: Phases, smoke: bool) -> None:
         phase(f"step {step}: optimizer")
 
 
-def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, by_hand: dict[str, Any] | None = None,
+def model_case(ctx: Any, phase: Phases, tiny: bool, *, fused_adamw: bool, by_hand: dict[str, Any] | None = None,
                wrap_options: dict[str, Any] | None = None, rope_table: bool = True, autocast: bool = True,
                tied: bool = True) -> None:
     """`by_hand`: fully_shard each layer, then the root, with these options (root_reshard: the
@@ -133,7 +136,7 @@ def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, by_ha
     from dynlm import build_model, distributed
 
     sizes = ({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64,
-              "vocab_size": 320} if smoke else {"vocab_size": 50304})
+              "vocab_size": 320} if tiny else {"vocab_size": 50304})
     torch.manual_seed(1337)
     with torch.device(ctx.device):
         model = build_model("gpt2-small-like", tie_word_embeddings=tied, **sizes)
@@ -151,7 +154,7 @@ def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, by_ha
     use_fused = fused_adamw and ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True if use_fused else None,
                                   foreach=None if use_fused else True)
-    batch, seq = (2, 32) if smoke else (8, 1024)
+    batch, seq = (2, 32) if tiny else (8, 1024)
     dtype = torch.bfloat16 if autocast and ctx.device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(ctx.rank)
     for step in range(3):
@@ -171,26 +174,26 @@ def model_case(ctx: Any, phase: Phases, smoke: bool, *, fused_adamw: bool, by_ha
     phase("freed")
 
 
-def trainer_case(ctx: Any, phase: Phases, smoke: bool, work: Path) -> None:
+def trainer_case(ctx: Any, phase: Phases, tiny: bool, work: Path) -> None:
     from dynlm.train import train
 
     model = {"preset": "gpt2-small-like", "vocab_size": 50304}
-    if smoke:
+    if tiny:
         model = {"preset": "standard-tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
                  "intermediate_size": 64, "vocab_size": 320}
     run = {"model": model,
-           "data": {"corpus": "python-stdlib", "tokenizer": "bytes", "seq_len": 32 if smoke else 1024,
+           "data": {"corpus": "python-stdlib", "tokenizer": "bytes", "seq_len": 32 if tiny else 1024,
                     "cache_dir": str(work / "cache")},
-           "train": {"max_steps": 3, "batch_size": 4 if smoke else 16, "lr": 3e-4, "warmup_steps": 1, "log_every": 1,
+           "train": {"max_steps": 3, "batch_size": 4 if tiny else 16, "lr": 3e-4, "warmup_steps": 1, "log_every": 1,
                      "eval_every": 0, "eval_bytes": 20_000, "save_every": 3, "final_eval": [], "sample_prompt": None,
-                     "plot": False, "progress": False, "device": "cpu" if smoke else "cuda", "fsdp": True},
+                     "plot": False, "progress": False, "device": ctx.device.type, "fsdp": True},
            "out_dir": str(work / "runs"), "run_name": "probe"}
     phase("configured")
     train(run, force=True)
     phase("trained, validated and saved")
 
 
-def worker(case: str, work: Path, smoke: bool) -> int:
+def worker(case: str, work: Path, smoke: bool, tiny: bool) -> int:
     import torch
 
     from dynlm import distributed
@@ -199,21 +202,21 @@ def worker(case: str, work: Path, smoke: bool) -> int:
     phase = Phases(work / f"{case}.rank{ctx.rank}.jsonl", ctx.device)
     phase("joined")
     cases: dict[str, Callable[[], None]] = {
-        "nccl": lambda: nccl_case(ctx, phase, smoke),
-        "toy": lambda: toy_case(ctx, phase, smoke),
-        "model": lambda: model_case(ctx, phase, smoke, fused_adamw=False),
-        "model-fused-adamw": lambda: model_case(ctx, phase, smoke, fused_adamw=True),
-        "model-default-policy": lambda: model_case(ctx, phase, smoke, fused_adamw=True, by_hand={}),
-        "model-root-reshard": lambda: model_case(ctx, phase, smoke, fused_adamw=True, by_hand={"root_reshard": True}),
-        "model-fp32-policy": lambda: model_case(ctx, phase, smoke, fused_adamw=True,
+        "nccl": lambda: nccl_case(ctx, phase, tiny),
+        "toy": lambda: toy_case(ctx, phase, tiny),
+        "model": lambda: model_case(ctx, phase, tiny, fused_adamw=False),
+        "model-fused-adamw": lambda: model_case(ctx, phase, tiny, fused_adamw=True),
+        "model-default-policy": lambda: model_case(ctx, phase, tiny, fused_adamw=True, by_hand={}),
+        "model-root-reshard": lambda: model_case(ctx, phase, tiny, fused_adamw=True, by_hand={"root_reshard": True}),
+        "model-fp32-policy": lambda: model_case(ctx, phase, tiny, fused_adamw=True,
                                                 by_hand={"mp": (torch.float32, torch.float32)}),
-        "model-bf16-gathers": lambda: model_case(ctx, phase, smoke, fused_adamw=True,
+        "model-bf16-gathers": lambda: model_case(ctx, phase, tiny, fused_adamw=True,
                                                  wrap_options={"param_dtype": torch.bfloat16}),
-        "model-no-rope-table": lambda: model_case(ctx, phase, smoke, fused_adamw=True, rope_table=False),
-        "model-fp32": lambda: model_case(ctx, phase, smoke, fused_adamw=True, autocast=False),
-        "model-untied": lambda: model_case(ctx, phase, smoke, fused_adamw=True, tied=False),
-        "trainer": lambda: trainer_case(ctx, phase, smoke, work / f"{case}-{ctx.rank}"),
-        "trainer-no-caching-allocator": lambda: trainer_case(ctx, phase, smoke, work / f"{case}-{ctx.rank}"),
+        "model-no-rope-table": lambda: model_case(ctx, phase, tiny, fused_adamw=True, rope_table=False),
+        "model-fp32": lambda: model_case(ctx, phase, tiny, fused_adamw=True, autocast=False),
+        "model-untied": lambda: model_case(ctx, phase, tiny, fused_adamw=True, tied=False),
+        "trainer": lambda: trainer_case(ctx, phase, tiny, work / f"{case}-{ctx.rank}"),
+        "trainer-no-caching-allocator": lambda: trainer_case(ctx, phase, tiny, work / f"{case}-{ctx.rank}"),
     }
     try:
         cases[case]()
@@ -243,9 +246,9 @@ def run_case(case: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if case == "trainer-no-caching-allocator":
         env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     log_path = work / f"{case}.log"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).resolve()), "--worker", case, "--work", str(work)]
-    command += ["--smoke"] if args.smoke else []
+    command = [*shlex.split(args.under), sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(Path(__file__).resolve()), "--worker", case, "--work", str(work)]
+    command += (["--smoke"] if args.smoke else []) + (["--tiny"] if args.tiny else [])
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
@@ -296,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny sizes")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes on the GPU (for --under compute-sanitizer)")
+    parser.add_argument("--under", default="", help="a command each case's torchrun runs under, e.g. "
+                        "'compute-sanitizer --tool memcheck --target-processes all' (its report: the case's log)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, run in that order")
     parser.add_argument("--case-timeout", type=float, default=90.0, help="seconds per case")
     parser.add_argument("--commit", default=None, help="git commit of the source (when the copy has no .git)")
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        return worker(args.worker, args.work, args.smoke)
+        return worker(args.worker, args.work, args.smoke, args.smoke or args.tiny)
     if args.out is None:
         parser.error("--out is required")
     cases = [c for c in args.cases.split(",") if c]
@@ -323,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"title": "FSDP2 fault probe" + (" (CPU smoke)" if args.smoke else ""),
                               "device": "CPU" if args.smoke else torch.cuda.get_device_name(0),
                               "torch": torch.__version__, "nccl": nccl, "commit": provenance.commit(args.commit),
-                              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": []}
+                              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tiny": args.tiny,
+                              "under": args.under, "cases": []}
     for case in cases:
         record = run_case(case, args, work)
         report["cases"].append(record)
