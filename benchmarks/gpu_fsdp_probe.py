@@ -278,7 +278,9 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"{report['commit']}, {report['time']}. Each case is its own `torchrun --nproc_per_node 2` launch; every "
              "rank synchronises the device after each phase and records it, so a fault lies between a case's last "
              "phase and the next. Every case ends with `torch.cuda.empty_cache()`, a synchronisation and two "
-             "barriers.", "",
+             "barriers." + (" Tiny shapes (`--tiny`)." if report.get("tiny") else "")
+             + (f" Each launch ran under `{report['under']}`; its report is in the case's log." if report.get("under")
+                else ""), "",
              "| case | what it isolates | result | last phase reached (rank 0 / rank 1) | wall s |",
              "|---|---|---|---|---|"]
     for r in report["cases"]:
