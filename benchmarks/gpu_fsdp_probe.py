@@ -99,6 +99,23 @@ def nccl_case(ctx: Any, phase: Phases, tiny: bool) -> None:
         phase(f"collectives on the {stream_name} stream")
 
 
+def train_steps(phase: Phases, model: Any, optimizer: Any, loss_of_step: Callable[[int], Any]) -> None:
+    """Three steps of forward (`loss_of_step`), backward, clipping and the optimizer, a phase each."""
+    import torch
+
+    for step in range(3):
+        loss = loss_of_step(step)
+        phase(f"step {step}: forward (loss {float(loss):.4f})")
+        loss.backward()
+        phase(f"step {step}: backward")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        phase(f"step {step}: clip (norm {float(norm):.3g})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase(f"step {step}: optimizer")
+
+
 def toy_case(ctx: Any, phase: Phases, tiny: bool) -> None:
     import torch
     from torch.distributed.fsdp import fully_shard
@@ -111,18 +128,7 @@ def toy_case(ctx: Any, phase: Phases, tiny: bool) -> None:
     fused = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None)
     phase("sharded")
-    for step in range(3):
-        x = torch.randn(8, width, device=ctx.device)
-        loss = model(x).square().mean()
-        phase(f"step {step}: forward")
-        loss.backward()
-        phase(f"step {step}: backward")
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        phase(f"step {step}: clip (norm {float(norm):.3g})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phase(f"step {step}: optimizer")
+    train_steps(phase, model, optimizer, lambda step: model(torch.randn(8, width, device=ctx.device)).square().mean())
 
 
 def model_case(ctx: Any, phase: Phases, tiny: bool, *, fused_adamw: bool, by_hand: dict[str, Any] | None = None,
@@ -157,21 +163,13 @@ def model_case(ctx: Any, phase: Phases, tiny: bool, *, fused_adamw: bool, by_han
     batch, seq = (2, 32) if tiny else (8, 1024)
     dtype = torch.bfloat16 if autocast and ctx.device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(ctx.rank)
-    for step in range(3):
+
+    def loss(step: int) -> Any:
         ids = torch.randint(0, sizes["vocab_size"], (batch, seq), generator=generator).to(ctx.device)
         with distributed.autocast(ctx.device, dtype):
-            out = model(ids, labels=ids)
-        phase(f"step {step}: forward (loss {float(out.loss):.4f})")
-        out.loss.backward()
-        phase(f"step {step}: backward")
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        phase(f"step {step}: clip (norm {float(norm):.3g})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phase(f"step {step}: optimizer")
-    del model, optimizer, out
-    phase("freed")
+            return model(ids, labels=ids).loss
+
+    train_steps(phase, model, optimizer, loss)
 
 
 def trainer_case(ctx: Any, phase: Phases, tiny: bool, work: Path) -> None:

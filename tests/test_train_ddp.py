@@ -204,6 +204,28 @@ def test_distributed_benchmark_smoke_matches_one_process(tmp_path):
     assert not (tmp_path / "work" / "runs" / "gpt2-small-like-ddp").exists()  # run folders are not kept
 
 
+@pytest.mark.slow
+def test_fsdp_probe_smoke_records_every_phase(tmp_path):
+    """benchmarks/gpu_fsdp_probe.py --smoke: each case its own 2-process launch, every rank's
+    phases recorded up to the end; a case that dies is reported with its last phase, not lost."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_fsdp_probe.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--cases", "nccl,model-root-reshard",
+                             "--out", str(out), "--work", str(tmp_path / "work")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads((out / "gpu_fsdp_probe.json").read_text())["cases"]
+    assert [c["case"] for c in cases] == ["nccl", "model-root-reshard"] and all(c["ok"] for c in cases)
+    phases = cases[1]["rank1_phases"]
+    assert phases[0] == "joined" and phases[2] == "sharded" and phases[-2:] == ["empty_cache", "settled"]
+    assert "step 2: optimizer" in phases
+    # an unknown case is refused before anything is launched
+    bad = subprocess.run([sys.executable, str(script), "--smoke", "--cases", "nope", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown case(s) nope" in bad.stderr
+
+
 def test_distributed_benchmark_figures(monkeypatch):
     """The benchmark's arithmetic: tokens/s over the timed steps; efficiency against twice the
     1-process run with the same per-GPU batch and micro-batches; the loss delta taken step by
